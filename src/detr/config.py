@@ -111,6 +111,12 @@ class DetrConfig:
     def replace(self, **changes: Any) -> DetrConfig:
         return dataclasses.replace(self, **changes)
 
+    def with_backbone(self, **changes: Any) -> DetrConfig:
+        return dataclasses.replace(self, backbone=dataclasses.replace(self.backbone, **changes))
+
+    def with_transformer(self, **changes: Any) -> DetrConfig:
+        return dataclasses.replace(self, transformer=dataclasses.replace(self.transformer, **changes))
+
 
 # --- the reference's argparse namespace ----------------------------------------------------
 

@@ -72,3 +72,43 @@ def as_image_batch(images: ImageBatch | Tensor | Sequence[Tensor]) -> ImageBatch
         mask = torch.zeros(images.shape[0], *images.shape[2:], dtype=torch.bool, device=images.device)
         return ImageBatch(images, mask)
     return ImageBatch.from_images(list(images))
+
+
+@dataclass(frozen=True)
+class DetectionBatch:
+    """A collated batch: ``images, targets = batch`` unpacks it; ``skipped`` counts dropped items.
+
+    images: the padded batch, or None when every item of the batch was dropped (skip it).
+    targets: one dict per image, in the same order.
+    skipped: how many items were None (unreadable images under ``skip_bad_images``).
+    """
+
+    images: ImageBatch | None
+    targets: list[dict]
+    skipped: int = 0
+
+    def __iter__(self):  # so that `images, targets = batch` works as for a plain tuple
+        yield self.images
+        yield self.targets
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> DetectionBatch:
+        """Move images and every tensor of every target to ``device``."""
+        images = None if self.images is None else self.images.to(device, non_blocking=non_blocking)
+        targets = [
+            {k: v.to(device, non_blocking=non_blocking) if isinstance(v, Tensor) else v for k, v in t.items()}
+            for t in self.targets
+        ]
+        return DetectionBatch(images, targets, self.skipped)
+
+
+def collate_detection(items: Sequence[tuple[Tensor, dict] | None], size_divisibility: int = 0) -> DetectionBatch:
+    """DataLoader collate_fn for (CHW image, target) items: pads images into an ImageBatch.
+
+    None items (images skipped by the dataset) are dropped and counted in ``skipped``.
+    """
+    kept = [item for item in items if item is not None]
+    skipped = len(items) - len(kept)
+    if not kept:
+        return DetectionBatch(None, [], skipped)
+    images = ImageBatch.from_images([image for image, _ in kept], size_divisibility)
+    return DetectionBatch(images, [target for _, target in kept], skipped)

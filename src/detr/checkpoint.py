@@ -1,0 +1,429 @@
+"""Loading and saving weights. The mapping between the reference's key layout and ours lives here.
+
+Recognized inputs (``load_checkpoint``):
+- the reference's training/released files: ``{"model": state_dict, "args": Namespace, ...}``;
+- a bare state dict in the reference layout (``backbone.0.body.*``), ours, or the demo model's;
+- our format: a ``.safetensors`` file whose metadata holds the JSON config (or a directory with
+  ``model.safetensors`` + ``config.json``);
+- our training checkpoints (``{"model": ..., "config": {...}, "optimizer": ...}``).
+
+Nothing is ever unpickled beyond tensors, plain containers and ``argparse.Namespace``:
+``torch.load(weights_only=True)`` refuses anything else, and we say so clearly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import pickle
+import re
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .config import DetrConfig, from_reference_args, to_reference_args
+from .model.detr import DETR, build_detr
+from .model.minimal import DemoConfig, DETRdemo
+from .model.segmentation import DETRsegm
+
+log = logging.getLogger(__name__)
+
+FORMAT = "detr"
+SAFE_GLOBALS = [argparse.Namespace]
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read or does not fit the requested model."""
+
+
+# --- key layouts -----------------------------------------------------------------------------
+
+_REF_TO_OURS = (("backbone.0.body.", "backbone.body."), ("backbone.1.", "position."))
+
+
+def _rename(key: str, pairs: tuple[tuple[str, str], ...]) -> str:
+    prefix = "detr." if key.startswith("detr.") else ""
+    rest = key[len(prefix):]
+    for old, new in pairs:
+        if rest.startswith(old):
+            return prefix + new + rest[len(old):]
+    return key
+
+
+def reference_key_to_ours(key: str) -> str:
+    return _rename(key, _REF_TO_OURS)
+
+
+def reference_to_ours(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Rename reference-layout keys to ours (num_batches_tracked counters are dropped)."""
+    return {
+        reference_key_to_ours(k): v for k, v in state_dict.items() if not k.endswith("num_batches_tracked")
+    }
+
+
+def ours_to_reference(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
+    reverse = tuple((new, old) for old, new in _REF_TO_OURS)
+    return {_rename(k, reverse): v for k, v in state_dict.items()}
+
+
+def _layout(state_dict: dict[str, Tensor]) -> str:
+    keys = state_dict.keys()
+    if "linear_class.weight" in keys and "query_pos" in keys:
+        return "demo"
+    bare = {k.removeprefix("detr.") for k in keys}
+    if any(k.startswith("backbone.0.") for k in bare):
+        return "reference"
+    if any(k.startswith("backbone.body.") for k in bare):
+        return "ours"
+    raise CheckpointError(
+        "state dict is not a DETR model: expected keys like 'backbone.0.body.conv1.weight' (reference), "
+        f"'backbone.body.conv1.weight' (ours) or 'linear_class.weight' (demo); got e.g. {sorted(keys)[:4]}"
+    )
+
+
+# --- architecture from weights ---------------------------------------------------------------
+
+def _count(keys: list[str], pattern: str) -> int:
+    found = {int(m.group(1)) for k in keys if (m := re.match(pattern, k))}
+    return max(found) + 1 if found else 0
+
+
+def infer_config(state_dict: dict[str, Tensor], base: DetrConfig | None = None) -> DetrConfig:
+    """Read the shape-determined architecture from an our-layout state dict.
+
+    Everything but ``nheads`` and ``dilation`` (which leave no trace in the shapes) is read from the
+    weights; those two, the dropout and the loss settings come from ``base`` (defaults otherwise).
+    """
+    base = base or DetrConfig()
+    masks = any(k.startswith("detr.") for k in state_dict)
+    sd = {k.removeprefix("detr."): v for k, v in state_dict.items()}
+    keys = list(sd)
+    try:
+        queries = sd["query_embed.weight"]
+        classes = sd["class_embed.weight"]
+    except KeyError as e:
+        raise CheckpointError(f"state dict lacks {e.args[0]!r}; is it a DETR checkpoint?") from None
+    blocks = _count(keys, r"backbone\.body\.layer3\.(\d+)\.")
+    bottleneck = "backbone.body.layer1.0.conv3.weight" in sd
+    backbones = {(2, False): "resnet18", (6, False): "resnet34", (6, True): "resnet50", (23, True): "resnet101"}
+    if (blocks, bottleneck) not in backbones:
+        raise CheckpointError(f"unrecognized ResNet: {blocks} blocks in layer3, bottleneck={bottleneck}")
+    enc = _count(keys, r"transformer\.encoder\.layers\.(\d+)\.")
+    dec = _count(keys, r"transformer\.decoder\.layers\.(\d+)\.")
+    ffn_key = "transformer.encoder.layers.0.linear1.weight" if enc else "transformer.decoder.layers.0.linear1.weight"
+    config = base.replace(
+        num_classes=classes.shape[0] - 1,
+        num_queries=queries.shape[0],
+        position_embedding="learned" if "position.row_embed.weight" in sd else "sine",
+        masks=masks,
+    )
+    return config.with_backbone(name=backbones[(blocks, bottleneck)]).with_transformer(
+        hidden_dim=queries.shape[1],
+        enc_layers=enc,
+        dec_layers=dec,
+        dim_feedforward=sd[ffn_key].shape[0],
+        # a pre-norm encoder ends with a norm; without encoder layers there is nothing to tell
+        pre_norm="transformer.encoder.norm.weight" in sd or (enc == 0 and base.transformer.pre_norm),
+    )
+
+
+def infer_demo_config(state_dict: dict[str, Tensor], nheads: int = 8) -> DemoConfig:
+    keys = list(state_dict)
+    return DemoConfig(
+        num_classes=state_dict["linear_class.weight"].shape[0] - 1,
+        hidden_dim=state_dict["conv.weight"].shape[0],
+        nheads=nheads,
+        num_encoder_layers=_count(keys, r"transformer\.encoder\.layers\.(\d+)\."),
+        num_decoder_layers=_count(keys, r"transformer\.decoder\.layers\.(\d+)\."),
+        num_queries=state_dict["query_pos"].shape[0],
+    )
+
+
+# --- reading ---------------------------------------------------------------------------------
+
+@dataclass
+class Checkpoint:
+    """Weights in our layout plus what is known of the architecture."""
+
+    state_dict: dict[str, Tensor]
+    kind: str  # "detr" or "demo"
+    source: str  # "ours", "reference", "reference-bare", "ours-bare", "demo", "training"
+    config: DetrConfig | None = None  # for kind "detr"; None when the file does not say
+    demo_config: DemoConfig | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)  # optimizer, epoch... of training checkpoints
+
+
+def safe_torch_load(path: str | Path) -> Any:
+    """torch.load that only ever reconstructs tensors, containers and argparse.Namespace."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        with torch.serialization.safe_globals(SAFE_GLOBALS):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        detail = str(e).strip().splitlines()
+        reason = next((line for line in detail if "GLOBAL" in line or "Unsupported" in line), detail[0])
+        raise CheckpointError(
+            f"refusing to load {path}: it contains pickled objects other than tensors and plain containers "
+            f"({reason.strip()}). Unpickling them could run arbitrary code, so this loader never does."
+        ) from None
+    except (RuntimeError, EOFError, OSError) as e:
+        raise CheckpointError(f"cannot read checkpoint {path}: {e}") from None
+
+
+def _read_safetensors(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+        return load_file(str(path)), metadata
+    except Exception as e:  # safetensors raises its own error types
+        raise CheckpointError(f"cannot read safetensors file {path}: {e}") from None
+
+
+def _config_from_metadata(meta: dict[str, Any], path: Path) -> tuple[str, DetrConfig | None, DemoConfig | None]:
+    try:
+        config = json.loads(meta["config"]) if isinstance(meta["config"], str) else meta["config"]
+        kind = meta.get("model", "detr")
+        if kind == "demo":
+            return kind, None, DemoConfig(**config)
+        return kind, DetrConfig.from_dict(config), None
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: invalid 'config' in checkpoint metadata: {e}") from None
+
+
+def read_checkpoint(path: str | Path) -> Checkpoint:
+    """Read any supported checkpoint into our layout without building a model."""
+    path = Path(path)
+    if path.is_dir():
+        weights, cfg_file = path / "model.safetensors", path / "config.json"
+        if not weights.exists() or not cfg_file.exists():
+            raise CheckpointError(f"{path}: a checkpoint directory needs model.safetensors and config.json")
+        meta = json.loads(cfg_file.read_text())
+        if meta.get("format") != FORMAT:
+            raise CheckpointError(f"{cfg_file}: not a detr config (no \"format\": \"detr\")")
+        sd, _ = _read_safetensors(weights)
+        kind, config, demo = _config_from_metadata(meta, cfg_file)
+        return Checkpoint(sd, kind, "ours", config, demo, metadata=meta)
+    if path.suffix == ".safetensors":
+        if not path.exists():
+            raise FileNotFoundError(f"checkpoint not found: {path}")
+        sd, meta = _read_safetensors(path)
+        if meta.get("format") == FORMAT:
+            kind, config, demo = _config_from_metadata(meta, path)
+            extra_meta = {k: json.loads(v) for k, v in meta.items() if k not in ("format", "config", "model")}
+            return Checkpoint(sd, kind, "ours", config, demo, metadata=extra_meta)
+        return _from_state_dict(sd, path)
+    obj = safe_torch_load(path)
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: expected a dict, found {type(obj).__name__}")
+    if "model" in obj and isinstance(obj["model"], dict):
+        if "config" in obj:  # our training checkpoint
+            kind, config, demo = _config_from_metadata(obj, path)
+            extra = {k: v for k, v in obj.items() if k not in ("model", "config")}
+            return Checkpoint(obj["model"], kind, "training", config, demo, extra=extra)
+        ckpt = _from_state_dict(obj["model"], path)
+        if ckpt.kind == "detr" and "args" in obj:
+            args = obj["args"]
+            ckpt.config = from_reference_args(args, num_classes=infer_config(ckpt.state_dict).num_classes)
+            ckpt.source = "reference"
+        ckpt.extra = {k: v for k, v in obj.items() if k != "model"}
+        return ckpt
+    if all(isinstance(v, Tensor) for v in obj.values()):
+        return _from_state_dict(obj, path)
+    raise CheckpointError(f"{path}: unrecognized checkpoint (top-level keys {sorted(obj)[:8]})")
+
+
+def _from_state_dict(sd: dict[str, Tensor], path: Path) -> Checkpoint:
+    layout = _layout(sd)
+    if layout == "demo":
+        return Checkpoint(dict(sd), "demo", "demo", demo_config=infer_demo_config(sd))
+    ours = reference_to_ours(sd) if layout == "reference" else dict(sd)
+    return Checkpoint(ours, "detr", f"{layout}-bare")
+
+
+# --- building and loading ---------------------------------------------------------------------
+
+def _head_keys(model: nn.Module) -> tuple[str, ...]:
+    prefix = "detr." if isinstance(model, DETRsegm) else ""
+    return (prefix + "class_embed.weight", prefix + "class_embed.bias")
+
+
+def load_weights(model: nn.Module, state_dict: dict[str, Tensor], *, reinit_heads: bool = False) -> list[str]:
+    """Copy ``state_dict`` (our layout) into ``model``. Returns the keys that were re-initialized.
+
+    Shapes must agree; with ``reinit_heads`` a class head (or query set) of another size keeps the
+    model's fresh initialization instead, which is how fine-tuning to a new class count starts.
+    """
+    own = model.state_dict()
+    fresh: list[str] = []
+    sd = {}
+    for key, value in state_dict.items():
+        if key in own and own[key].shape != value.shape:
+            resizable = key in _head_keys(model) or key.endswith("query_embed.weight")
+            if reinit_heads and resizable:
+                fresh.append(key)
+                continue
+            raise CheckpointError(
+                f"weight {key!r} has shape {tuple(value.shape)} in the checkpoint but {tuple(own[key].shape)} "
+                f"in the model; "
+                + (
+                    "the class counts differ: pass reinit_heads=True (--reinit_heads) to fine-tune a new head"
+                    if key in _head_keys(model)
+                    else "the architectures differ"
+                )
+            )
+        sd[key] = value
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    missing = [k for k in missing if k not in fresh]
+    if missing or unexpected:
+        raise CheckpointError(
+            f"checkpoint does not fit the model: missing {missing[:6]}{'...' if len(missing) > 6 else ''}, "
+            f"unexpected {unexpected[:6]}{'...' if len(unexpected) > 6 else ''}"
+        )
+    return fresh
+
+
+def load_checkpoint(
+    path: str | Path,
+    *,
+    config: DetrConfig | None = None,
+    num_classes: int | None = None,
+    dilation: bool | None = None,
+    nheads: int | None = None,
+    reinit_heads: bool = False,
+) -> nn.Module:
+    """Build the model a checkpoint describes and load its weights; eval mode, on the CPU.
+
+    ``config`` gives the architecture for files that don't carry one (bare state dicts); for files
+    that do, it overrides theirs. ``num_classes`` / ``dilation`` / ``nheads`` override single fields
+    (DC5 and the head count leave no trace in the weights: for bare reference files they default to
+    "dc5 in the file name" and 8). With ``reinit_heads``, a class head of another size is re-initialized.
+    """
+    ckpt = read_checkpoint(path)
+    if ckpt.kind == "demo":
+        demo_config = ckpt.demo_config or infer_demo_config(ckpt.state_dict)
+        if nheads is not None:
+            demo_config = DemoConfig(**{**demo_config.to_dict(), "nheads": nheads})
+        model: nn.Module = DETRdemo(demo_config)
+        load_weights(model, ckpt.state_dict)
+        return model.eval()
+    target = config or ckpt.config
+    if target is None:  # a bare state dict: the shapes tell most of the architecture
+        guessed_dc5 = "dc5" in Path(path).name.lower()
+        target = infer_config(ckpt.state_dict).with_backbone(dilation=guessed_dc5)
+    if num_classes is not None:
+        target = target.replace(num_classes=num_classes)
+    if dilation is not None:
+        target = target.with_backbone(dilation=dilation)
+    if nheads is not None:
+        target = target.with_transformer(nheads=nheads)
+    model = build_detr(target)
+    fresh = load_weights(model, ckpt.state_dict, reinit_heads=reinit_heads)
+    if fresh:
+        log.info("re-initialized %s (checkpoint shapes differ from the requested model)", ", ".join(fresh))
+    return model.eval()
+
+
+# --- writing ---------------------------------------------------------------------------------
+
+def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
+    """Write through ``write(tmp_path)`` to a temporary file in the target directory, fsync it, then
+    rename over ``path``: a crash leaves either the old file or the new one, never half of one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def _model_kind_and_config(model: nn.Module) -> tuple[str, dict[str, Any]]:
+    if isinstance(model, DETRdemo):
+        return "demo", model.config.to_dict()
+    if isinstance(model, DETR | DETRsegm):
+        return "detr", model.config.to_dict()
+    raise TypeError(f"cannot save a {type(model).__name__}: expected DETR, DETRsegm or DETRdemo")
+
+
+def _contiguous(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
+    return {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
+
+
+def save_checkpoint(model: nn.Module, path: str | Path, *, metadata: dict[str, Any] | None = None) -> Path:
+    """Save ``model`` in our format: safetensors weights with the JSON config in the file's metadata.
+
+    ``metadata`` (JSON-serializable values, e.g. ``class_names``) is stored alongside.
+    """
+    kind, config = _model_kind_and_config(model)
+    return save_state_dict(_contiguous(model.state_dict()), path, kind=kind, config=config, metadata=metadata)
+
+
+def save_state_dict(
+    state_dict: dict[str, Tensor], path: str | Path, *, kind: str, config: dict[str, Any],
+    metadata: dict[str, Any] | None = None,
+) -> Path:
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise ValueError(f"our checkpoint format is a .safetensors file, got {path}")
+    meta = {"format": FORMAT, "model": kind, "config": json.dumps(config)}
+    meta.update({k: json.dumps(v) for k, v in (metadata or {}).items()})
+    atomic_write(path, lambda tmp: save_file(_contiguous(state_dict), tmp, metadata=meta))
+    return path
+
+
+def save_reference_checkpoint(
+    state_dict: dict[str, Tensor], path: str | Path, *, config: DetrConfig | None
+) -> Path:
+    """Write an our-layout state dict as the reference's ``{"model", "args"}`` file."""
+    blob: dict[str, Any] = {"model": ours_to_reference(state_dict) if config is not None else state_dict}
+    if config is not None:
+        blob["args"] = argparse.Namespace(**to_reference_args(config))
+    atomic_write(path, lambda tmp: torch.save(blob, tmp))
+    return Path(path)
+
+
+def convert_checkpoint(src: str | Path, dst: str | Path, *, config: DetrConfig | None = None) -> Path:
+    """Convert between the reference layout (.pth/.pt) and ours (.safetensors), losslessly.
+
+    Tensors keep their dtype and values bit for bit; only names and the container change.
+    """
+    ckpt = read_checkpoint(src)
+    dst = Path(dst)
+    if ckpt.kind == "demo":
+        demo = ckpt.demo_config or infer_demo_config(ckpt.state_dict)
+        if dst.suffix == ".safetensors":
+            return save_state_dict(ckpt.state_dict, dst, kind="demo", config=demo.to_dict())
+        atomic_write(dst, lambda tmp: torch.save(_contiguous(ckpt.state_dict), tmp))
+        return dst
+    cfg = config or ckpt.config
+    if cfg is None:
+        cfg = infer_config(ckpt.state_dict).with_backbone(dilation="dc5" in Path(src).name.lower())
+    if dst.suffix == ".safetensors":
+        return save_state_dict(ckpt.state_dict, dst, kind="detr", config=cfg.to_dict())
+    return save_reference_checkpoint(ckpt.state_dict, dst, config=cfg)

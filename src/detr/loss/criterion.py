@@ -1,0 +1,258 @@
+"""DETR's set criterion: match, then score the matched pairs and the leftovers.
+
+For each decoder layer that is supervised (the last one, plus every earlier one with auxiliary
+losses), predictions are matched to targets with the Hungarian matcher, then
+
+- ``loss_ce``: cross-entropy over K+1 classes for all Q queries; unmatched queries must predict the
+  no-object class K, whose weight is ``eos_coef`` (the others 1), and the mean is the weighted mean;
+- ``loss_bbox`` / ``loss_giou``: L1 on normalized cxcywh and 1 - GIoU on xyxy, summed over matched
+  pairs and divided by the number of target boxes in the batch;
+- ``loss_mask`` / ``loss_dice`` (panoptic model, last layer only): sigmoid focal loss and dice loss of
+  the matched mask logits, upsampled to the padded target size, divided by the number of boxes.
+
+Auxiliary layer i gets the suffix ``_{i}``. ``class_error`` and ``cardinality_error`` are metrics,
+reported but not optimized.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from detr.boxes import cxcywh_to_xyxy, generalized_box_iou
+from detr.config import DetrConfig, LossConfig
+from detr.loss.matcher import HungarianMatcher, MatchIndices
+
+FOCAL_ALPHA = 0.25
+FOCAL_GAMMA = 2.0
+
+
+@dataclass
+class LossResult:
+    """What the criterion returns.
+
+    terms: every loss term (scalar tensors), e.g. ``loss_ce``, ``loss_bbox_0``;
+    weights: the weight of each term in ``total`` (same keys as ``terms``);
+    metrics: detached scalars that are not optimized (``class_error``, ``cardinality_error[_i]``);
+    total: sum over terms of weight * term, the tensor to call ``backward`` on;
+    indices: the last layer's matching, per image (prediction indices, target indices).
+    """
+
+    terms: dict[str, Tensor]
+    weights: dict[str, float]
+    metrics: dict[str, Tensor]
+    total: Tensor
+    indices: MatchIndices
+
+    def weighted_terms(self) -> dict[str, Tensor]:
+        """weight * term for every term (what ``total`` sums)."""
+        return {name: term * self.weights[name] for name, term in self.terms.items()}
+
+
+def sigmoid_focal_loss(mask_logits: Tensor, targets: Tensor, num_boxes: float) -> Tensor:
+    """Focal loss (alpha 0.25, gamma 2) of [M, P] logits vs {0, 1} targets.
+
+    Averaged over the P pixels of each mask, then summed over the M masks and divided by ``num_boxes``.
+    """
+    prob = mask_logits.sigmoid()
+    bce = F.binary_cross_entropy_with_logits(mask_logits, targets, reduction="none")  # [M, P]
+    p_true = prob * targets + (1 - prob) * (1 - targets)  # probability given to the true label
+    alpha = FOCAL_ALPHA * targets + (1 - FOCAL_ALPHA) * (1 - targets)
+    loss = alpha * bce * (1 - p_true) ** FOCAL_GAMMA
+    return loss.mean(dim=1).sum() / num_boxes
+
+
+def dice_loss(mask_logits: Tensor, targets: Tensor, num_boxes: float) -> Tensor:
+    """Soft dice loss (+1 smoothing) of [M, P] logits vs {0, 1} targets, summed over M / num_boxes."""
+    prob = mask_logits.sigmoid()
+    overlap = 2 * (prob * targets).sum(dim=1)  # [M]
+    total = prob.sum(dim=1) + targets.sum(dim=1)  # [M]
+    return (1 - (overlap + 1) / (total + 1)).sum() / num_boxes
+
+
+def count_boxes(targets: Sequence[Mapping[str, Tensor]], device: torch.device) -> float:
+    """Target boxes in the batch, averaged over processes when distributed, at least 1."""
+    local = float(sum(len(t["labels"]) for t in targets))
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        count = torch.tensor([local], dtype=torch.float32, device=device)
+        torch.distributed.all_reduce(count)
+        local = count.item() / torch.distributed.get_world_size()
+    return max(local, 1.0)
+
+
+class SetCriterion(nn.Module):
+    """DETR's loss. ``forward(outputs, targets) -> LossResult``.
+
+    outputs: ``pred_logits`` [B, Q, K+1], ``pred_boxes`` [B, Q, 4] (normalized cxcywh), optional
+    ``aux_outputs`` (a list of such dicts for decoder layers 0..L-2) and, with ``masks=True``,
+    ``pred_masks`` [B, Q, h, w] mask logits. targets: B dicts with ``labels`` int64 [N_i], ``boxes``
+    [N_i, 4] normalized cxcywh and, with ``masks=True``, ``masks`` bool [N_i, H_i, W_i].
+    """
+
+    empty_weight: Tensor
+
+    def __init__(
+        self, *, num_classes: int, matcher: HungarianMatcher, loss: LossConfig, masks: bool = False
+    ) -> None:
+        super().__init__()
+        if num_classes < 1:
+            raise ValueError("num_classes must be >= 1")
+        self.num_classes = num_classes
+        self.matcher = matcher
+        self.loss_config = loss
+        self.masks = masks
+        class_weight = torch.ones(num_classes + 1)
+        class_weight[-1] = loss.eos_coef
+        self.register_buffer("empty_weight", class_weight)  # [K+1]
+
+    @classmethod
+    def from_config(cls, config: DetrConfig) -> SetCriterion:
+        return cls(
+            num_classes=config.num_classes,
+            matcher=HungarianMatcher.from_config(config.matcher),
+            loss=config.loss,
+            masks=config.masks,
+        )
+
+    def extra_repr(self) -> str:
+        return f"num_classes={self.num_classes}, masks={self.masks}, loss={self.loss_config}"
+
+    # --- the terms -------------------------------------------------------------------------
+
+    def loss_labels(
+        self, logits: Tensor, targets: Sequence[Mapping[str, Tensor]], match: _Match
+    ) -> tuple[Tensor, Tensor]:
+        """Weighted cross-entropy over all queries, and the class error (%) of the matched ones."""
+        logits = logits.float()  # [B, Q, K+1]
+        no_object = self.num_classes
+        target_classes = torch.full(logits.shape[:2], no_object, dtype=torch.int64, device=logits.device)
+        matched_labels = torch.cat(
+            [t["labels"][j] for t, j in zip(targets, match.target_per_image, strict=True)]
+        ).to(logits.device)  # [M]
+        target_classes[match.batch, match.query] = matched_labels
+        loss_ce = F.cross_entropy(logits.transpose(1, 2), target_classes, weight=self.empty_weight.float())
+        with torch.no_grad():
+            matched_logits = logits[match.batch, match.query]  # [M, K+1]
+            if matched_labels.numel() == 0:
+                # As the reference: accuracy over no matched query counts as 0%, so the error is 100%.
+                accuracy = logits.new_zeros(())
+            else:
+                accuracy = (matched_logits.argmax(-1) == matched_labels).float().mean() * 100
+        return loss_ce, 100 - accuracy
+
+    @staticmethod
+    @torch.no_grad()
+    def cardinality_error(logits: Tensor, targets: Sequence[Mapping[str, Tensor]]) -> Tensor:
+        """Mean over images of |#predictions not argmax-ing to no-object - #targets|."""
+        no_object = logits.shape[-1] - 1
+        predicted = (logits.argmax(-1) != no_object).sum(dim=1).float()  # [B]
+        expected = torch.tensor([float(len(t["labels"])) for t in targets], device=logits.device)  # [B]
+        return F.l1_loss(predicted, expected)
+
+    @staticmethod
+    def loss_boxes(
+        boxes_cxcywh: Tensor, targets: Sequence[Mapping[str, Tensor]], match: _Match, num_boxes: float
+    ) -> tuple[Tensor, Tensor]:
+        """L1 and 1 - GIoU of the matched boxes, each summed and divided by ``num_boxes``."""
+        pred = boxes_cxcywh.float()[match.batch, match.query]  # [M, 4]
+        target = torch.cat([t["boxes"][j] for t, j in zip(targets, match.target_per_image, strict=True)])
+        target = target.to(pred.device, torch.float32)  # [M, 4]
+        loss_bbox = F.l1_loss(pred, target, reduction="none").sum() / num_boxes
+        giou = torch.diag(generalized_box_iou(cxcywh_to_xyxy(pred), cxcywh_to_xyxy(target)))  # [M]
+        loss_giou = (1 - giou).sum() / num_boxes
+        return loss_bbox, loss_giou
+
+    @staticmethod
+    def loss_masks(
+        mask_logits: Tensor, targets: Sequence[Mapping[str, Tensor]], match: _Match, num_boxes: float
+    ) -> tuple[Tensor, Tensor]:
+        """Focal and dice losses of the matched masks at the batch's padded target size."""
+        for i, t in enumerate(targets):
+            if "masks" not in t:
+                raise KeyError(f"target {i} has no 'masks'; the mask losses need them (masks=True)")
+        height = max(int(t["masks"].shape[-2]) for t in targets)
+        width = max(int(t["masks"].shape[-1]) for t in targets)
+        pred = mask_logits.float()[match.batch, match.query]  # [M, h, w]
+        # Targets are padded with zeros at the bottom/right, like the images they belong to.
+        target = torch.cat(
+            [
+                F.pad(t["masks"][j], (0, width - t["masks"].shape[-1], 0, height - t["masks"].shape[-2]))
+                for t, j in zip(targets, match.target_per_image, strict=True)
+            ]
+        ).to(pred.device, torch.float32)  # [M, H, W]
+        if pred.shape[0] == 0:
+            # Nothing matched: zero losses that still belong to the graph.
+            zero = mask_logits.float().sum() * 0
+            return zero, zero.clone()
+        pred = F.interpolate(pred[:, None], size=(height, width), mode="bilinear", align_corners=False)
+        pred = pred.flatten(1)  # [M, H*W]
+        target = target.flatten(1)  # [M, H*W]
+        return sigmoid_focal_loss(pred, target, num_boxes), dice_loss(pred, target, num_boxes)
+
+    # --- putting it together ---------------------------------------------------------------
+
+    def forward(self, outputs: Mapping[str, Any], targets: Sequence[Mapping[str, Tensor]]) -> LossResult:
+        logits = outputs["pred_logits"]
+        if len(targets) != logits.shape[0]:
+            raise ValueError(f"SetCriterion: {logits.shape[0]} predictions but {len(targets)} targets")
+        num_boxes = count_boxes(targets, logits.device)  # once for all layers
+        cfg = self.loss_config
+        terms: dict[str, Tensor] = {}
+        weights: dict[str, float] = {}
+        metrics: dict[str, Tensor] = {}
+
+        def add(name: str, value: Tensor, weight: float) -> None:
+            terms[name] = value
+            weights[name] = float(weight)
+
+        layers: list[tuple[str, Mapping[str, Any]]] = [("", outputs)]
+        if cfg.aux_loss:
+            layers += [(f"_{i}", aux) for i, aux in enumerate(outputs.get("aux_outputs") or [])]
+
+        final_indices: MatchIndices = []
+        for suffix, layer in layers:
+            indices = self.matcher(layer, targets)
+            match = _Match.build(indices, layer["pred_logits"].device)
+            is_final = suffix == ""
+            if is_final:
+                final_indices = indices
+
+            loss_ce, class_error = self.loss_labels(layer["pred_logits"], targets, match)
+            add(f"loss_ce{suffix}", loss_ce, cfg.ce)
+            loss_bbox, loss_giou = self.loss_boxes(layer["pred_boxes"], targets, match, num_boxes)
+            add(f"loss_bbox{suffix}", loss_bbox, cfg.bbox)
+            add(f"loss_giou{suffix}", loss_giou, cfg.giou)
+            if self.masks and is_final:  # the reference supervises masks on the last layer only
+                if "pred_masks" not in layer:
+                    raise KeyError("SetCriterion(masks=True) needs outputs['pred_masks']")
+                loss_mask, loss_dice = self.loss_masks(layer["pred_masks"], targets, match, num_boxes)
+                add("loss_mask", loss_mask, cfg.mask)
+                add("loss_dice", loss_dice, cfg.dice)
+
+            if is_final:  # the reference logs the class error of the last layer only
+                metrics["class_error"] = class_error.detach()
+            metrics[f"cardinality_error{suffix}"] = self.cardinality_error(layer["pred_logits"], targets)
+
+        total = sum(terms[name] * weights[name] for name in terms)
+        assert isinstance(total, Tensor)
+        return LossResult(terms=terms, weights=weights, metrics=metrics, total=total, indices=final_indices)
+
+
+@dataclass
+class _Match:
+    """A matching flattened for indexing: (batch[m], query[m]) is the prediction paired with target m."""
+
+    batch: Tensor  # [M] int64, on the predictions' device
+    query: Tensor  # [M]
+    target_per_image: list[Tensor]  # per image, the matched target indices in the order of ``query``
+
+    @classmethod
+    def build(cls, indices: MatchIndices, device: torch.device) -> _Match:
+        batch = torch.cat([torch.full_like(src, i) for i, (src, _) in enumerate(indices)])
+        query = torch.cat([src for src, _ in indices])
+        return cls(batch.to(device), query.to(device), [tgt for _, tgt in indices])

@@ -1,0 +1,209 @@
+"""ResNet backbones with frozen BatchNorm, parameter names as in torchvision's ResNet.
+
+``ResNet`` keeps torchvision's names (conv1, bn1, layer1..layer4, downsample.0/1) so ImageNet weights
+and released DETR checkpoints load without renaming inside the trunk. ``Backbone`` wraps a trunk
+for DETR: it freezes the stem and the first stage, returns the last stage (or all four for the
+mask head) and carries the padding mask down to each returned level.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..config import BackboneConfig
+
+NormLayer = Callable[[int], nn.Module]
+
+
+class FrozenBatchNorm2d(nn.Module):
+    """BatchNorm2d with fixed statistics and affine parameters (all buffers, nothing trains).
+
+    y = (x - running_mean) * weight / sqrt(running_var + eps) + bias, folded into one scale and shift.
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        self.register_buffer("weight", torch.ones(num_features))
+        self.register_buffer("bias", torch.zeros(num_features))
+        self.register_buffer("running_mean", torch.zeros(num_features))
+        self.register_buffer("running_var", torch.ones(num_features))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[override]
+        # torchvision/ImageNet weights carry a BatchNorm counter that a frozen norm has no use for.
+        state_dict.pop(prefix + "num_batches_tracked", None)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def scale_and_shift(self) -> tuple[Tensor, Tensor]:
+        scale = self.weight * (self.running_var + self.eps).rsqrt()
+        shift = self.bias - self.running_mean * scale
+        return scale, shift
+
+    def forward(self, x: Tensor) -> Tensor:
+        scale, shift = self.scale_and_shift()
+        return x * scale.reshape(1, -1, 1, 1) + shift.reshape(1, -1, 1, 1)
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, eps={self.eps}"
+
+
+def _conv3x3(cin: int, cout: int, stride: int = 1, dilation: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(cin, cout, 3, stride=stride, padding=dilation, dilation=dilation, bias=False)
+
+
+def _conv1x1(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(cin, cout, 1, stride=stride, bias=False)
+
+
+class BasicBlock(nn.Module):
+    expansion = 1
+
+    def __init__(
+        self, cin: int, planes: int, *, stride: int, dilation: int, downsample: nn.Module | None, norm: NormLayer
+    ) -> None:
+        super().__init__()
+        self.conv1 = _conv3x3(cin, planes, stride, dilation)
+        self.bn1 = norm(planes)
+        self.conv2 = _conv3x3(planes, planes, 1, dilation)
+        self.bn2 = norm(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = downsample
+
+    def forward(self, x: Tensor) -> Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(out + identity)
+
+
+class Bottleneck(nn.Module):
+    """ResNet v1.5 bottleneck: the stride sits on the 3x3 convolution."""
+
+    expansion = 4
+
+    def __init__(
+        self, cin: int, planes: int, *, stride: int, dilation: int, downsample: nn.Module | None, norm: NormLayer
+    ) -> None:
+        super().__init__()
+        self.conv1 = _conv1x1(cin, planes)
+        self.bn1 = norm(planes)
+        self.conv2 = _conv3x3(planes, planes, stride, dilation)
+        self.bn2 = norm(planes)
+        self.conv3 = _conv1x1(planes, planes * self.expansion)
+        self.bn3 = norm(planes * self.expansion)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = downsample
+
+    def forward(self, x: Tensor) -> Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return self.relu(out + identity)
+
+
+_ARCHS: dict[str, tuple[type[BasicBlock] | type[Bottleneck], tuple[int, int, int, int]]] = {
+    "resnet18": (BasicBlock, (2, 2, 2, 2)),
+    "resnet34": (BasicBlock, (3, 4, 6, 3)),
+    "resnet50": (Bottleneck, (3, 4, 6, 3)),
+    "resnet101": (Bottleneck, (3, 4, 23, 3)),
+}
+
+
+class ResNet(nn.Module):
+    """The convolutional trunk of a torchvision ResNet (no pooling head, no fc)."""
+
+    def __init__(self, name: str = "resnet50", *, dilation: bool = False, norm: NormLayer = FrozenBatchNorm2d):
+        super().__init__()
+        if name not in _ARCHS:
+            raise ValueError(f"unknown ResNet {name!r}; choose from {sorted(_ARCHS)}")
+        block, depths = _ARCHS[name]
+        self.inplanes, self._dilation = 64, 1
+        self.conv1 = nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False)
+        self.bn1 = norm(64)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        self.layer1 = self._make_stage(block, 64, depths[0], 1, False, norm)
+        self.layer2 = self._make_stage(block, 128, depths[1], 2, False, norm)
+        self.layer3 = self._make_stage(block, 256, depths[2], 2, False, norm)
+        self.layer4 = self._make_stage(block, 512, depths[3], 2, dilation, norm)
+        self.stage_channels = [64 * block.expansion * 2**i for i in range(4)]
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def _make_stage(
+        self, block: type[BasicBlock] | type[Bottleneck], planes: int, depth: int, stride: int, dilate: bool,
+        norm: NormLayer,
+    ) -> nn.Sequential:
+        # DC5 (torchvision's replace_stride_with_dilation): the stage keeps the resolution and
+        # dilates instead; its first block still uses the previous dilation.
+        first_dilation = self._dilation
+        if dilate:
+            self._dilation *= stride
+            stride = 1
+        out = planes * block.expansion
+        downsample = None
+        if stride != 1 or self.inplanes != out:
+            downsample = nn.Sequential(_conv1x1(self.inplanes, out, stride), norm(out))
+        blocks = [block(self.inplanes, planes, stride=stride, dilation=first_dilation, downsample=downsample,
+                        norm=norm)]
+        self.inplanes = out
+        blocks += [
+            block(out, planes, stride=1, dilation=self._dilation, downsample=None, norm=norm)
+            for _ in range(1, depth)
+        ]
+        return nn.Sequential(*blocks)
+
+    def forward_stages(self, x: Tensor) -> list[Tensor]:
+        """Outputs of layer1..layer4: strides 4, 8, 16, 32 (16 for layer4 with DC5)."""
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        stages = []
+        for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
+            x = layer(x)
+            stages.append(x)
+        return stages
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.forward_stages(x)[-1]
+
+    def load_torchvision_state_dict(self, state_dict: dict[str, Tensor]) -> None:
+        """Load ImageNet weights saved from torchvision's ResNet (the fc layer is ignored)."""
+        trunk = {k: v for k, v in state_dict.items() if not k.startswith("fc.")}
+        missing, unexpected = self.load_state_dict(trunk, strict=False)
+        unexpected = [k for k in unexpected if not k.endswith("num_batches_tracked")]
+        if missing or unexpected:
+            raise ValueError(f"ResNet weights do not fit: missing {missing[:5]}, unexpected {unexpected[:5]}")
+
+
+class Backbone(nn.Module):
+    """DETR's backbone: a frozen-BN ResNet whose stem and first stage never train.
+
+    forward(pixels [B, 3, H, W], padding_mask [B, H, W]) -> (features, masks): lists with the last
+    stage only, or all four stages when ``return_all_stages`` (the mask head's FPN needs them).
+    """
+
+    def __init__(self, config: BackboneConfig, *, return_all_stages: bool = False) -> None:
+        super().__init__()
+        self.body = ResNet(config.name, dilation=config.dilation)
+        self.return_all_stages = return_all_stages
+        self.num_channels = self.body.stage_channels[-1]
+        for name, param in self.body.named_parameters():
+            trainable = config.trainable and name.startswith(("layer2", "layer3", "layer4"))
+            param.requires_grad_(trainable)
+
+    def forward(self, pixels: Tensor, padding_mask: Tensor) -> tuple[list[Tensor], list[Tensor]]:
+        stages = self.body.forward_stages(pixels)
+        if not self.return_all_stages:
+            stages = stages[-1:]
+        masks = [downsample_mask(padding_mask, feature.shape[-2:]) for feature in stages]
+        return stages, masks
+
+
+def downsample_mask(padding_mask: Tensor, size: torch.Size | tuple[int, int]) -> Tensor:
+    """Nearest-neighbour resize of a [B, H, W] padding mask to a feature map's (h, w)."""
+    return F.interpolate(padding_mask[None].float(), size=tuple(size), mode="nearest")[0].bool()
