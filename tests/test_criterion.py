@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import datetime
 import math
 import os
 import socket
@@ -32,6 +33,13 @@ def detached_outputs(entry: dict, requires_grad: bool = False) -> dict:
 
     out = {k: leaf(v) for k, v in entry["outputs"].items() if k != "aux_outputs"}
     out["aux_outputs"] = [{k: leaf(v) for k, v in aux.items()} for aux in entry["outputs"]["aux_outputs"]]
+    return out
+
+
+def first_image(outputs: dict) -> dict:
+    """The outputs of image 0 only, as a batch of one."""
+    out = {k: v[:1] for k, v in outputs.items() if k != "aux_outputs"}
+    out["aux_outputs"] = [{k: v[:1] for k, v in aux.items()} for aux in outputs["aux_outputs"]]
     return out
 
 
@@ -94,9 +102,7 @@ def test_one_image_without_objects(reference: dict) -> None:
     assert torch.all(outputs["pred_masks"].grad[1] == 0)
 
     # Box terms come from image 0 alone: the same as a batch holding only image 0.
-    alone = criterion({k: v[:1] if k != "aux_outputs" else [
-        {kk: vv[:1] for kk, vv in aux.items()} for aux in v
-    ] for k, v in outputs.items()}, [first])
+    alone = criterion(first_image(outputs), [first])
     for key in ["loss_bbox", "loss_giou", "loss_bbox_0", "loss_giou_0", "loss_bbox_1", "loss_giou_1"]:
         torch.testing.assert_close(result.terms[key], alone.terms[key], rtol=1e-6, atol=0)
 
@@ -243,7 +249,10 @@ def test_count_boxes_single_process() -> None:
 
 def _count_boxes_worker(rank: int, world_size: int, port: int, results: object) -> None:
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=world_size)
+    torch.set_num_threads(1)  # a forked child: keep clear of the parent's thread pool
+    torch.distributed.init_process_group(
+        "gloo", rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=60)
+    )
     try:
         local = [{"labels": torch.zeros(n, dtype=torch.int64)} for n in ([2, 3] if rank == 0 else [0])]
         results.put((rank, count_boxes(local, torch.device("cpu"))))  # type: ignore[attr-defined]

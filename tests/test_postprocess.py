@@ -317,6 +317,15 @@ def test_panoptic_small_segments_removed() -> None:
     ]
 
 
+def test_panoptic_everything_too_small() -> None:
+    # A 2x2 original image holds 4 pixels, so every segment is <= 4 pixels and all are dropped.
+    masks = torch.randn(3, 4, 4, generator=torch.Generator().manual_seed(5))
+    outputs = _panoptic_outputs([150, 3, 4], masks)
+    (result,) = postprocess_panoptic(outputs, [(4, 4)], [(2, 2)], is_thing=is_thing)
+    assert result["segments_info"] == []
+    assert torch.equal(result["segment_ids"], torch.zeros(2, 2, dtype=torch.int32))
+
+
 def test_panoptic_threshold_and_mapping_is_thing() -> None:
     masks = torch.randn(2, 4, 4, generator=torch.Generator().manual_seed(4))
     outputs = _panoptic_outputs([7, 100], masks)

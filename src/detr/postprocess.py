@@ -309,15 +309,12 @@ def postprocess_panoptic(
 
         # Merged-away stuff queries now have area 0 and are dropped here like any small segment.
         # Quirk kept from the reference: the reassignment after a drop does NOT apply the stuff
-        # merge again (its merge only runs in the first pass), so pixels of a dropped query go to
-        # the best remaining query, whatever its class.
-        while True:
-            small = torch.tensor([a <= MIN_SEGMENT_AREA for a in areas], dtype=torch.bool)
-            if not bool(small.any()):
-                break
-            survivors = (~small).nonzero().flatten()
-            class_list = [class_list[i] for i in survivors.tolist()]
-            kept_masks = kept_masks[survivors.to(kept_masks.device)]
+        # merge (the reference merges in the first pass only), so the pixels of a dropped query,
+        # merged-away stuff duplicates included, go to the best remaining query whatever its class.
+        while any(area <= MIN_SEGMENT_AREA for area in areas):
+            survivors = [i for i, area in enumerate(areas) if area > MIN_SEGMENT_AREA]
+            class_list = [class_list[i] for i in survivors]
+            kept_masks = kept_masks[survivors]  # [N', h*w]
             id_map = _pillow_nearest_resize(_assign_pixels(kept_masks, h, w), out_h, out_w)
             areas = _segment_areas(id_map, len(class_list))
 

@@ -100,6 +100,14 @@ class DetectionBatch:
         ]
         return DetectionBatch(images, targets, self.skipped)
 
+    def pin_memory(self) -> DetectionBatch:
+        """Called by DataLoader(pin_memory=True)."""
+        images = self.images
+        if images is not None:
+            images = ImageBatch(images.pixels.pin_memory(), images.padding_mask.pin_memory())
+        targets = [{k: v.pin_memory() if isinstance(v, Tensor) else v for k, v in t.items()} for t in self.targets]
+        return DetectionBatch(images, targets, self.skipped)
+
 
 def collate_detection(items: Sequence[tuple[Tensor, dict] | None], size_divisibility: int = 0) -> DetectionBatch:
     """DataLoader collate_fn for (CHW image, target) items: pads images into an ImageBatch.

@@ -21,6 +21,7 @@ import io
 import logging
 import os
 import random
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,13 @@ def decode_segmentation(segmentation: Any, height: int, width: int) -> np.ndarra
 
     The parts of a multi-polygon object are OR-ed together.
     """
+    with warnings.catch_warnings():
+        # pycocotools' decode trips numpy 2's __array__(copy=...) deprecation; nothing we can act on.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return _decode_segmentation(segmentation, height, width)
+
+
+def _decode_segmentation(segmentation: Any, height: int, width: int) -> np.ndarray:
     if isinstance(segmentation, dict):
         if isinstance(segmentation.get("counts"), list):
             rle = mask_utils.frPyObjects(segmentation, height, width)
@@ -117,9 +125,10 @@ class CocoDetection(Dataset):
     skip_bad_images: a missing/corrupt image yields None (dropped by ``collate_detection``) and
         increments ``self.skipped`` (per process: each DataLoader worker counts its own), instead of
         raising ImageLoadError.
-    seed: with a seed, the augmentation of sample ``index`` is a function of (seed, epoch, index) only
-        (call ``set_epoch`` each epoch), whichever worker loads it. Without one, each sample draws its rng
-        seed from torch's default generator, which DataLoader seeds per worker from its base seed.
+    seed: with a seed, the augmentation of sample ``index`` is a function of (seed, epoch, index) only,
+        whichever worker loads it. Call ``set_epoch`` each epoch before iterating (workers started with
+        ``persistent_workers`` keep the epoch they started with). Without a seed, each sample draws its
+        rng seed from torch's default generator, which DataLoader seeds per worker from its base seed.
     """
 
     def __init__(

@@ -27,9 +27,6 @@ class ImageLoadError(OSError, ValueError):
         super().__init__(message)
         self.path = None if path is None else str(path)
 
-    def __str__(self) -> str:  # OSError's __str__ would reformat a (errno, message) pair; keep ours
-        return str(self.args[0])
-
 
 def open_decoded(path: str | os.PathLike[str]) -> Image.Image:
     """Open and fully decode an image file in its stored mode and orientation.

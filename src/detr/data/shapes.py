@@ -35,11 +35,12 @@ SHAPES_CATEGORIES = (
     {"id": 3, "name": "triangle", "supercategory": "shape"},
 )
 PARAMS_FILE = "shapes_params.json"
-_VERSION = 1  # bump when the drawing code changes, so old generations are redone
+_VERSION = 2  # bump when the drawing code changes, so old generations are redone
 _SPLIT_CODES = {"train": 0, "val": 1}
 _ELLIPSE_VERTICES = 32
 _MAX_OVERLAP = 0.15  # max box intersection / smaller box area between two shapes
 _PLACEMENT_TRIES = 30
+_LOG_MAX_ASPECT = float(np.log(1.6))
 
 
 @dataclass(frozen=True)
@@ -116,7 +117,10 @@ def _render(params: ShapesParams, split: str, index: int) -> tuple[np.ndarray, l
     objects = []
     for _ in range(int(rng.integers(params.min_objects, params.max_objects + 1))):
         for _ in range(_PLACEMENT_TRIES):
-            w, h = rng.uniform(params.min_object_size, params.max_object_size, size=2) * size
+            extent = rng.uniform(params.min_object_size, params.max_object_size) * size
+            aspect = np.exp(rng.uniform(-_LOG_MAX_ASPECT, _LOG_MAX_ASPECT))
+            # Bounded aspect keeps triangle tips at least a pixel wide within ~1.6 px of the apex.
+            w, h = min(extent * np.sqrt(aspect), size - 4.0), min(extent / np.sqrt(aspect), size - 4.0)
             x0 = rng.uniform(1.0, size - 1.0 - w)
             y0 = rng.uniform(1.0, size - 1.0 - h)
             box = (x0, y0, x0 + w, y0 + h)
@@ -176,7 +180,7 @@ def _write_split(root: Path, params: ShapesParams, split: str, count: int) -> No
 
 def _png_bytes(pixels: np.ndarray) -> bytes:
     buffer = io.BytesIO()
-    Image.fromarray(pixels, mode="RGB").save(buffer, format="PNG")
+    Image.fromarray(pixels, mode="RGB").save(buffer, format="PNG", compress_level=1)
     return buffer.getvalue()
 
 
@@ -201,8 +205,9 @@ def generate_shapes(
         raise ValueError(f"image_size must be >= 16, got {image_size}")
     if not 1 <= min_objects <= max_objects:
         raise ValueError(f"need 1 <= min_objects <= max_objects, got {min_objects}, {max_objects}")
-    if not 0 < min_object_size <= max_object_size < 0.9:
-        raise ValueError(f"need 0 < min_object_size <= max_object_size < 0.9, got {min_object_size}, {max_object_size}")
+    if not 0 < min_object_size <= max_object_size <= 0.7:
+        sizes = f"{min_object_size}, {max_object_size}"
+        raise ValueError(f"need 0 < min_object_size <= max_object_size <= 0.7, got {sizes}")
     params = ShapesParams(
         num_train, num_val, image_size, seed, min_objects, max_objects, min_object_size, max_object_size
     )

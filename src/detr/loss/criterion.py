@@ -75,13 +75,22 @@ def dice_loss(mask_logits: Tensor, targets: Tensor, num_boxes: float) -> Tensor:
     return (1 - (overlap + 1) / (total + 1)).sum() / num_boxes
 
 
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def _mean_over_processes(value: Tensor) -> Tensor:
+    """Average of a (detached) tensor over processes; only called when distributed."""
+    value = value.detach().clone()
+    torch.distributed.all_reduce(value)
+    return value / torch.distributed.get_world_size()
+
+
 def count_boxes(targets: Sequence[Mapping[str, Tensor]], device: torch.device) -> float:
     """Target boxes in the batch, averaged over processes when distributed, at least 1."""
     local = float(sum(len(t["labels"]) for t in targets))
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        count = torch.tensor([local], dtype=torch.float32, device=device)
-        torch.distributed.all_reduce(count)
-        local = count.item() / torch.distributed.get_world_size()
+    if _distributed():
+        local = _mean_over_processes(torch.tensor([local], dtype=torch.float32, device=device)).item()
     return max(local, 1.0)
 
 
@@ -135,7 +144,14 @@ class SetCriterion(nn.Module):
             [t["labels"][j] for t, j in zip(targets, match.target_per_image, strict=True)]
         ).to(logits.device)  # [M]
         target_classes[match.batch, match.query] = matched_labels
-        loss_ce = F.cross_entropy(logits.transpose(1, 2), target_classes, weight=self.empty_weight.float())
+        weight = self.empty_weight.float()
+        if _distributed():
+            # The weighted mean's denominator is averaged over processes (as num_boxes is), so the
+            # averaged gradients equal one process's on the global batch; one process: as the reference.
+            per_query = F.cross_entropy(logits.transpose(1, 2), target_classes, weight=weight, reduction="none")
+            loss_ce = per_query.sum() / _mean_over_processes(weight[target_classes].sum())
+        else:
+            loss_ce = F.cross_entropy(logits.transpose(1, 2), target_classes, weight=weight)
         with torch.no_grad():
             matched_logits = logits[match.batch, match.query]  # [M, K+1]
             if matched_labels.numel() == 0:

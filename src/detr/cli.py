@@ -1,0 +1,277 @@
+"""``detr`` command line: train | eval | demo | convert | plot. Thin: flags -> config -> API.
+
+Flag names follow the reference implementation's main.py where it has one, so its users can switch
+without rereading docs (``--coco_path --batch_size --lr --lr_backbone --lr_drop --epochs ...``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from .config import BACKBONES, DetrConfig, LossConfig, MatcherConfig, TransformerConfig, preset
+
+log = logging.getLogger("detr")
+
+
+# --- shared flag groups ----------------------------------------------------------------------
+
+def add_model_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model (defaults: the paper's DETR-R50, or --preset)")
+    g.add_argument("--preset", default=None, help="r50, r50-dc5, r101, r101-dc5, panoptic, shapes-small")
+    g.add_argument("--num_classes", type=int, default=None,
+                   help="K, the class head has K+1 outputs; default: max category id + 1 of the training json")
+    g.add_argument("--backbone", choices=BACKBONES, default=None)
+    g.add_argument("--dilation", action="store_true", default=None, help="DC5: dilation in the last stage")
+    g.add_argument("--position_embedding", choices=("sine", "learned"), default=None)
+    g.add_argument("--enc_layers", type=int, default=None)
+    g.add_argument("--dec_layers", type=int, default=None)
+    g.add_argument("--dim_feedforward", type=int, default=None)
+    g.add_argument("--hidden_dim", type=int, default=None)
+    g.add_argument("--dropout", type=float, default=None)
+    g.add_argument("--nheads", type=int, default=None)
+    g.add_argument("--num_queries", type=int, default=None)
+    g.add_argument("--pre_norm", action="store_true", default=None)
+    g.add_argument("--masks", action="store_true", default=None, help="train the panoptic mask head")
+    g.add_argument("--no_aux_loss", dest="aux_loss", action="store_false", default=None)
+    g.add_argument("--set_cost_class", type=float, default=None)
+    g.add_argument("--set_cost_bbox", type=float, default=None)
+    g.add_argument("--set_cost_giou", type=float, default=None)
+    g.add_argument("--mask_loss_coef", type=float, default=None)
+    g.add_argument("--dice_loss_coef", type=float, default=None)
+    g.add_argument("--bbox_loss_coef", type=float, default=None)
+    g.add_argument("--giou_loss_coef", type=float, default=None)
+    g.add_argument("--eos_coef", type=float, default=None)
+
+
+def model_config_from_args(args: argparse.Namespace, num_classes: int | None = None) -> DetrConfig:
+    """The preset (or the paper's defaults) with every flag the user gave applied on top."""
+    config = preset(args.preset) if args.preset else DetrConfig()
+
+    def pick(value: Any, default: Any) -> Any:
+        return default if value is None else value
+
+    t, m, lo = config.transformer, config.matcher, config.loss
+    config = config.replace(
+        num_classes=pick(args.num_classes, num_classes if num_classes is not None else config.num_classes),
+        num_queries=pick(args.num_queries, config.num_queries),
+        position_embedding=pick(args.position_embedding, config.position_embedding),
+        masks=pick(args.masks, config.masks),
+        transformer=TransformerConfig(
+            hidden_dim=pick(args.hidden_dim, t.hidden_dim), nheads=pick(args.nheads, t.nheads),
+            enc_layers=pick(args.enc_layers, t.enc_layers), dec_layers=pick(args.dec_layers, t.dec_layers),
+            dim_feedforward=pick(args.dim_feedforward, t.dim_feedforward), dropout=pick(args.dropout, t.dropout),
+            pre_norm=pick(args.pre_norm, t.pre_norm),
+        ),
+        matcher=MatcherConfig(
+            cost_class=pick(args.set_cost_class, m.cost_class), cost_bbox=pick(args.set_cost_bbox, m.cost_bbox),
+            cost_giou=pick(args.set_cost_giou, m.cost_giou),
+        ),
+        loss=LossConfig(
+            ce=lo.ce, bbox=pick(args.bbox_loss_coef, lo.bbox), giou=pick(args.giou_loss_coef, lo.giou),
+            mask=pick(args.mask_loss_coef, lo.mask), dice=pick(args.dice_loss_coef, lo.dice),
+            eos_coef=pick(args.eos_coef, lo.eos_coef), aux_loss=pick(args.aux_loss, lo.aux_loss),
+        ),
+    )
+    return config.with_backbone(
+        name=pick(args.backbone, config.backbone.name),
+        dilation=pick(args.dilation, config.backbone.dilation),
+        trainable=args.lr_backbone > 0 if getattr(args, "lr_backbone", None) is not None else True,
+    )
+
+
+def add_data_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("data")
+    g.add_argument("--coco_path", default=None, help="COCO layout: train2017/ val2017/ annotations/")
+    g.add_argument("--train_images", default=None, help="custom data: image folder (with --train_json)")
+    g.add_argument("--train_json", default=None)
+    g.add_argument("--val_images", default=None)
+    g.add_argument("--val_json", default=None)
+    g.add_argument("--batch_size", type=int, default=2)
+    g.add_argument("--num_workers", type=int, default=2)
+    g.add_argument("--train_scales", type=int, nargs="+", default=None,
+                   help="short sides of the training resize (default 480..800 step 32)")
+    g.add_argument("--max_size", type=int, default=1333)
+    g.add_argument("--val_scale", type=int, default=None, help="short side at evaluation (default 800)")
+    g.add_argument("--skip_bad_images", action="store_true",
+                   help="skip unreadable images (counted and reported) instead of stopping")
+    g.add_argument("--no_augment", dest="augment", action="store_false",
+                   help="train on evaluation-resized images (no flip, crop or multi-scale)")
+    g.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps")
+    g.add_argument("--no_progress", dest="progress", action="store_false")
+
+
+def _setup_logging(verbose: bool = False) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(asctime)s %(message)s",
+                        datefmt="%H:%M:%S", stream=sys.stderr)
+
+
+def _train_num_classes(args: argparse.Namespace) -> int | None:
+    """max category id + 1 of the training json (the reference's meaning of num_classes)."""
+    from .engine.train import TrainOptions, _split_paths
+
+    opts = TrainOptions(coco_path=args.coco_path, train_images=args.train_images, train_json=args.train_json)
+    ann = Path(_split_paths(opts, "train")[1])
+    if not ann.is_file():
+        raise FileNotFoundError(f"annotation file not found: {ann}")
+    categories = json.loads(ann.read_text()).get("categories") or []
+    if not categories:
+        raise ValueError(f"{ann}: no categories")
+    return max(int(c["id"]) for c in categories) + 1
+
+
+# --- commands --------------------------------------------------------------------------------
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .engine.train import NonFiniteLossError, TrainOptions, train
+
+    if args.eval:
+        if not args.resume:
+            raise SystemExit("--eval needs --resume CHECKPOINT (as in the reference)")
+        args.checkpoint = args.resume
+        return cmd_eval(args)
+    num_classes = None if args.num_classes is not None else _train_num_classes(args)
+    config = model_config_from_args(args, num_classes)
+    options = TrainOptions(
+        coco_path=args.coco_path, train_images=args.train_images, train_json=args.train_json,
+        val_images=args.val_images, val_json=args.val_json, output_dir=args.output_dir, epochs=args.epochs,
+        batch_size=args.batch_size, lr=args.lr, lr_backbone=args.lr_backbone, weight_decay=args.weight_decay,
+        lr_drop=args.lr_drop, clip_max_norm=args.clip_max_norm, seed=args.seed, num_workers=args.num_workers,
+        device=args.device, amp=args.amp, resume=args.resume, pretrained=args.pretrained,
+        frozen_weights=args.frozen_weights, train_scales=args.train_scales, max_size=args.max_size,
+        val_scale=args.val_scale, eval_every=args.eval_every, skip_bad_images=args.skip_bad_images,
+        progress=args.progress, augment=args.augment,
+    )
+    log.info("model: %s", json.dumps(config.to_dict()))
+    try:
+        record = train(config, options)
+    except NonFiniteLossError as e:
+        print(f"error: {e}. Training stopped; the last checkpoint in {args.output_dir} is untouched.",
+              file=sys.stderr)
+        return 2
+    print(json.dumps(record))
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    import torch
+
+    from .checkpoint import load_checkpoint
+    from .engine.distributed import init_distributed
+    from .engine.evaluate import evaluate
+    from .engine.train import TrainOptions, build_dataset, build_loader
+    from .model.segmentation import DETRsegm
+
+    info = init_distributed(args.device)
+    model = load_checkpoint(args.checkpoint).to(args.device)
+    options = TrainOptions(coco_path=args.coco_path, val_images=args.val_images, val_json=args.val_json,
+                           batch_size=args.batch_size, num_workers=args.num_workers, val_scale=args.val_scale,
+                           max_size=args.max_size, train_scales=args.train_scales,
+                           skip_bad_images=args.skip_bad_images)
+    masks = isinstance(model, DETRsegm)
+    dataset = build_dataset(options, "val", train_augment=False, masks=masks)
+    loader = build_loader(dataset, options, info, train=False)
+    amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp or "")
+    result = evaluate(model, loader, coco_gt=dataset.coco, device=args.device,
+                      iou_types=("bbox", "segm") if masks else ("bbox",), amp_dtype=amp, progress=args.progress)
+    if info.is_main:
+        out = Path(args.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "metrics.json").write_text(json.dumps(result, indent=1))
+        print(json.dumps(result))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    result = run_demo(args.output_dir, epochs=args.epochs, seed=args.seed, num_workers=args.num_workers,
+                      progress=args.progress)
+    print(json.dumps(result))
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from .checkpoint import convert_checkpoint
+
+    out = convert_checkpoint(args.input, args.output)
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from .engine.plot import plot_log
+
+    out = plot_log(args.log, args.out)
+    print(f"wrote {out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="detr", description="DETR: train, evaluate and run detectors")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train (or fine-tune, or resume) a detector")
+    add_model_flags(p)
+    add_data_flags(p)
+    g = p.add_argument_group("optimization")
+    g.add_argument("--lr", type=float, default=1e-4)
+    g.add_argument("--lr_backbone", type=float, default=1e-5)
+    g.add_argument("--weight_decay", type=float, default=1e-4)
+    g.add_argument("--epochs", type=int, default=300)
+    g.add_argument("--lr_drop", type=int, default=200)
+    g.add_argument("--clip_max_norm", type=float, default=0.1)
+    g.add_argument("--seed", type=int, default=42)
+    g.add_argument("--amp", choices=("bf16", "fp16"), default=None, help="mixed precision (bf16 on CPU)")
+    g.add_argument("--output_dir", default="outputs")
+    g.add_argument("--resume", default=None, help="continue a run from its checkpoint.pth")
+    g.add_argument("--pretrained", default=None,
+                   help="start from these weights (any format); a class head of another size is re-initialized")
+    g.add_argument("--frozen_weights", default=None, help="panoptic stage 2: frozen detector weights")
+    g.add_argument("--eval", action="store_true", help="only evaluate --resume on the val split")
+    g.add_argument("--eval_every", type=int, default=1)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="COCO AP of a checkpoint on a val split")
+    p.add_argument("--checkpoint", required=True)
+    add_data_flags(p)
+    p.add_argument("--amp", choices=("bf16", "fp16"), default=None)
+    p.add_argument("--output_dir", default="outputs/eval")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("demo", help="generate shapes, train a small DETR on CPU, evaluate, draw predictions")
+    p.add_argument("--output_dir", default="outputs/demo")
+    p.add_argument("--epochs", type=int, default=None, help="override the tuned schedule's epoch count")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num_workers", type=int, default=1)
+    p.add_argument("--no_progress", dest="progress", action="store_false")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("convert", help="convert a checkpoint: .pth (reference layout) <-> .safetensors (ours)")
+    p.add_argument("input")
+    p.add_argument("output")
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("plot", help="draw the loss/AP curves of a training log.jsonl to a PNG")
+    p.add_argument("log")
+    p.add_argument("--out", default=None)
+    p.set_defaults(func=cmd_plot)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging()
+    try:
+        return int(args.func(args) or 0)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
