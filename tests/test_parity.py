@@ -62,7 +62,7 @@ def test_outputs_match_reference(reference, models, name):
         close(out["pred_masks"], expected["pred_masks"], 1e-4)
 
 
-def _loss_and_grads(model, reference, entry_name: str, dtype: torch.dtype):
+def _loss_and_grads(model, reference, dtype: torch.dtype):
     config = model.config
     model = model.to(dtype)
     criterion = SetCriterion(num_classes=config.num_classes, matcher=HungarianMatcher.from_config(config.matcher),
@@ -90,11 +90,11 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 @pytest.mark.parametrize("name", CONFIGS)
 def test_losses_and_gradients_match_reference(reference, models, name):
     entry = reference[name]
-    result, grads = _loss_and_grads(models[name], reference, name, torch.float32)
+    result, grads = _loss_and_grads(models[name], reference, torch.float32)
     for (pred, tgt), (ref_pred, ref_tgt) in zip(result.indices, entry["indices"], strict=True):
         assert torch.equal(pred, ref_pred) and torch.equal(tgt, ref_tgt)
     assert abs(result.total.item() - entry["total_loss"].item()) <= 1e-4 * abs(entry["total_loss"].item())
-    _, grads64 = _loss_and_grads(models[name], reference, name, torch.float64)
+    _, grads64 = _loss_and_grads(models[name], reference, torch.float64)
     for ref_name, expected in entry["grads"].items():
         key = reference_key_to_ours(ref_name)
         ours, theirs = _flat(grads[key], expected)
