@@ -72,8 +72,6 @@ class TrainOptions:
     eval_every: int = 1  # epochs between evaluations (0: only at the end)
     skip_bad_images: bool = False
     progress: bool = True
-    max_train_images: int | None = None  # use only the first N training images (overfitting checks)
-    eval_on_train: bool = False  # evaluate on the (un-augmented) training images instead of val
     augment: bool = True  # False: training images get the evaluation resize only (no flip, crop, scales)
     class_names: dict[int, str] = field(default_factory=dict)
 
@@ -109,22 +107,6 @@ def build_dataset(options: TrainOptions, split: str, *, train_augment: bool, mas
                           skip_bad_images=options.skip_bad_images, seed=options.seed)
     return CocoDetection(images, ann, transforms=transforms, return_masks=masks,
                          skip_bad_images=options.skip_bad_images, seed=options.seed)
-
-
-class _Subset(Dataset):
-    """The first ``n`` items of a dataset, keeping its epoch hook."""
-
-    def __init__(self, dataset: CocoDetection, n: int) -> None:
-        self.dataset, self.n = dataset, min(n, len(dataset))
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __getitem__(self, index: int) -> Any:
-        return self.dataset[index]
-
-    def set_epoch(self, epoch: int) -> None:
-        self.dataset.set_epoch(epoch)
 
 
 def build_loader(dataset: Dataset, options: TrainOptions, info: dist_utils.DistInfo, *, train: bool) -> DataLoader:
@@ -320,14 +302,7 @@ def train(model_config: DetrConfig, options: TrainOptions) -> dict[str, Any]:
 
     train_set = build_dataset(options, "train", train_augment=True, masks=model_config.masks)
     class_names = options.class_names or train_set.category_names
-    if options.max_train_images:
-        train_set = _Subset(train_set, options.max_train_images)
-    if options.eval_on_train:
-        val_set = build_dataset(options, "train", train_augment=False, masks=model_config.masks)
-        if options.max_train_images:
-            val_set.ids = val_set.ids[: options.max_train_images]
-    else:
-        val_set = build_dataset(options, "val", train_augment=False, masks=model_config.masks)
+    val_set = build_dataset(options, "val", train_augment=False, masks=model_config.masks)
     train_loader = build_loader(train_set, options, info, train=True)
     val_loader = build_loader(val_set, options, info, train=False)
 

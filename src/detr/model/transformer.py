@@ -69,6 +69,11 @@ class MultiheadAttention(nn.Module):
         return self.out_proj(out), weights
 
 
+def _feed_forward(layer: nn.Module, x: Tensor) -> Tensor:
+    """The position-wise MLP both layer kinds share (kept as linear1/linear2 for checkpoint names)."""
+    return layer.linear2(layer.dropout(F.relu(layer.linear1(x))))
+
+
 def _with_pos(x: Tensor, pos: Tensor | None) -> Tensor:
     return x if pos is None else x + pos
 
@@ -84,8 +89,7 @@ class EncoderLayer(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.pre_norm = pre_norm
 
-    def _ffn(self, x: Tensor) -> Tensor:
-        return self.linear2(self.dropout(F.relu(self.linear1(x))))
+    _ffn = _feed_forward
 
     def forward(self, src: Tensor, padding_mask: Tensor | None, pos: Tensor | None) -> Tensor:
         if self.pre_norm:
@@ -111,8 +115,7 @@ class DecoderLayer(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.pre_norm = pre_norm
 
-    def _ffn(self, x: Tensor) -> Tensor:
-        return self.linear2(self.dropout(F.relu(self.linear1(x))))
+    _ffn = _feed_forward
 
     def forward(
         self, tgt: Tensor, memory: Tensor, padding_mask: Tensor | None, pos: Tensor | None, query_pos: Tensor
