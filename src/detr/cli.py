@@ -1,4 +1,4 @@
-"""``detr`` command line: train | eval | demo | convert | plot. Thin: flags -> config -> API.
+"""``detr`` command line: train | eval | demo | convert | plot | predict | attention | export. Thin: flags -> API.
 
 Flag names follow the reference implementation's main.py where it has one, so its users can switch
 without rereading docs (``--coco_path --batch_size --lr --lr_backbone --lr_drop --epochs ...``).
@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .config import BACKBONES, DetrConfig, LossConfig, MatcherConfig, TransformerConfig, preset
+from .config import BACKBONE_NORMS, BACKBONES, DetrConfig, LossConfig, MatcherConfig, TransformerConfig, preset
 
 log = logging.getLogger("detr")
 
@@ -27,6 +27,10 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
                    help="K, the class head has K+1 outputs; default: max category id + 1 of the training json")
     g.add_argument("--backbone", choices=BACKBONES, default=None)
     g.add_argument("--dilation", action="store_true", default=None, help="DC5: dilation in the last stage")
+    g.add_argument("--backbone_norm", choices=BACKBONE_NORMS, default=None,
+                   help="frozen_bn (the reference; for ImageNet weights) or group_norm (trained; from scratch)")
+    g.add_argument("--frozen_stages", type=int, default=None,
+                   help="leading backbone stages that never train: 1 = stem + layer1 (the reference), 0 = none")
     g.add_argument("--position_embedding", choices=("sine", "learned"), default=None)
     g.add_argument("--enc_layers", type=int, default=None)
     g.add_argument("--dec_layers", type=int, default=None)
@@ -80,6 +84,8 @@ def model_config_from_args(args: argparse.Namespace, num_classes: int | None = N
     return config.with_backbone(
         name=pick(args.backbone, config.backbone.name),
         dilation=pick(args.dilation, config.backbone.dilation),
+        norm=pick(args.backbone_norm, config.backbone.norm),
+        frozen_stages=pick(args.frozen_stages, config.backbone.frozen_stages),
         trainable=args.lr_backbone > 0 if getattr(args, "lr_backbone", None) is not None else True,
     )
 
@@ -260,6 +266,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("log")
     p.add_argument("--out", default=None)
     p.set_defaults(func=cmd_plot)
+
+    from .inference.commands import add_inference_parsers
+
+    add_inference_parsers(sub)
+    from .export import add_export_parser
+
+    add_export_parser(sub)
     return parser
 
 

@@ -13,6 +13,7 @@ from typing import Any
 
 BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101")
 POSITION_EMBEDDINGS = ("sine", "learned")
+BACKBONE_NORMS = ("frozen_bn", "group_norm")
 
 
 @dataclass(frozen=True)
@@ -20,10 +21,19 @@ class BackboneConfig:
     name: str = "resnet50"
     dilation: bool = False  # DC5: dilation instead of stride in the last stage
     trainable: bool = True  # False freezes every stage (the reference's lr_backbone <= 0)
+    # "frozen_bn" (the reference: ImageNet statistics, fixed) or "group_norm" (32 groups, trained):
+    # a backbone trained from scratch has no statistics to freeze and needs a normalization that learns.
+    norm: str = "frozen_bn"
+    # Leading stages that never train: 1 = stem + layer1 (the reference), 0 = everything trains.
+    frozen_stages: int = 1
 
     def __post_init__(self) -> None:
         if self.name not in BACKBONES:
             raise ValueError(f"backbone.name must be one of {BACKBONES}, got {self.name!r}")
+        if self.norm not in BACKBONE_NORMS:
+            raise ValueError(f"backbone.norm must be one of {BACKBONE_NORMS}, got {self.norm!r}")
+        if not 0 <= self.frozen_stages <= 4:
+            raise ValueError(f"backbone.frozen_stages must be in 0..4, got {self.frozen_stages}")
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,6 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import BackboneConfig
@@ -49,6 +48,13 @@ class FrozenBatchNorm2d(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.eps}"
+
+
+class GroupNorm32(nn.GroupNorm):
+    """GroupNorm with 32 groups (fewer for narrow layers): batch-independent, so DDP stays exact."""
+
+    def __init__(self, num_features: int) -> None:
+        super().__init__(min(32, num_features), num_features)
 
 
 def _conv3x3(cin: int, cout: int, stride: int = 1, dilation: int = 1) -> nn.Conv2d:
@@ -135,6 +141,13 @@ class ResNet(nn.Module):
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        if norm is not FrozenBatchNorm2d:
+            # From scratch: each residual branch starts as zero (its last norm's scale is 0), so the
+            # trunk begins near identity and trains stably (Goyal et al., 2017).
+            for m in self.modules():
+                if isinstance(m, (BasicBlock, Bottleneck)):
+                    last = m.bn3 if isinstance(m, Bottleneck) else m.bn2
+                    nn.init.zeros_(last.weight)
 
     def _make_stage(
         self, block: type[BasicBlock] | type[Bottleneck], planes: int, depth: int, stride: int, dilate: bool,
@@ -180,8 +193,14 @@ class ResNet(nn.Module):
             raise ValueError(f"ResNet weights do not fit: missing {missing[:5]}, unexpected {unexpected[:5]}")
 
 
+_NORMS: dict[str, NormLayer] = {"frozen_bn": FrozenBatchNorm2d, "group_norm": GroupNorm32}
+_STAGE_PREFIXES = (("conv1", "bn1", "layer1"), ("layer2",), ("layer3",), ("layer4",))
+
+
 class Backbone(nn.Module):
-    """DETR's backbone: a frozen-BN ResNet whose stem and first stage never train.
+    """DETR's backbone: a ResNet whose first ``frozen_stages`` stages (1: stem + layer1) never train.
+
+    The reference's trunk uses frozen BatchNorm; ``norm="group_norm"`` trains a from-scratch trunk.
 
     forward(pixels [B, 3, H, W], padding_mask [B, H, W]) -> (features, masks): lists with the last
     stage only, or all four stages when ``return_all_stages`` (the mask head's FPN needs them).
@@ -189,12 +208,12 @@ class Backbone(nn.Module):
 
     def __init__(self, config: BackboneConfig, *, return_all_stages: bool = False) -> None:
         super().__init__()
-        self.body = ResNet(config.name, dilation=config.dilation)
+        self.body = ResNet(config.name, dilation=config.dilation, norm=_NORMS[config.norm])
         self.return_all_stages = return_all_stages
         self.num_channels = self.body.stage_channels[-1]
+        frozen = tuple(p for stage in _STAGE_PREFIXES[: config.frozen_stages] for p in stage)
         for name, param in self.body.named_parameters():
-            trainable = config.trainable and name.startswith(("layer2", "layer3", "layer4"))
-            param.requires_grad_(trainable)
+            param.requires_grad_(config.trainable and not name.startswith(frozen))
 
     def forward(self, pixels: Tensor, padding_mask: Tensor) -> tuple[list[Tensor], list[Tensor]]:
         stages = self.body.forward_stages(pixels)
@@ -204,6 +223,23 @@ class Backbone(nn.Module):
         return stages, masks
 
 
+def nearest_source_index(in_size: int, out_size: int, device: torch.device) -> Tensor:
+    """Source index of each output position of F.interpolate(mode="nearest") along one axis: [out_size].
+
+    PyTorch computes floor(i * float32(in / out)). ONNX's Resize divides by float32(out / in)
+    instead, which rounds the other way at exact integers (e.g. 150 -> 5), so the ONNX export would
+    pick other mask pixels; spelling out PyTorch's arithmetic keeps both identical.
+    """
+    # A tensor, not a Python float: the traced graph keeps the sizes dynamic.
+    scale = torch.full((), in_size, dtype=torch.float32, device=device) / out_size
+    index = torch.arange(out_size, dtype=torch.float32, device=device) * scale
+    return index.floor().long().clamp(max=in_size - 1)
+
+
 def downsample_mask(padding_mask: Tensor, size: torch.Size | tuple[int, int]) -> Tensor:
-    """Nearest-neighbour resize of a [B, H, W] padding mask to a feature map's (h, w)."""
-    return F.interpolate(padding_mask[None].float(), size=tuple(size), mode="nearest")[0].bool()
+    """Nearest-neighbour resize of a [B, H, W] padding mask to a feature map's (h, w): exactly
+    F.interpolate(mode="nearest"), written as an index selection so that ONNX exports agree too."""
+    h, w = padding_mask.shape[-2:]
+    rows = nearest_source_index(h, size[0], padding_mask.device)
+    cols = nearest_source_index(w, size[1], padding_mask.device)
+    return padding_mask.index_select(1, rows).index_select(2, cols)  # [B, h, w]

@@ -1,0 +1,307 @@
+"""The Python API for running a trained detector on images.
+
+    detector = Detector.from_checkpoint("detr-r50.pth", threshold=0.7)
+    for det in detector("street.jpg"):
+        print(det.name, det.score, det.box)          # box: xyxy in the image's pixels
+
+Images go through the reference's validation transform (short side ``size``, long side at most
+``max_size``, ImageNet normalization) and are batched ``batch_size`` at a time. As in the reference,
+a batch pads its images to a common size and the padding reaches the backbone's features, so with
+``batch_size > 1`` an image's results depend (slightly) on which images share its batch.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from PIL import Image
+from torch import Tensor, nn
+
+from ..boxes import box_iou
+from ..checkpoint import load_checkpoint, read_checkpoint
+from ..data.images import load_image
+from ..data.transforms import make_coco_transforms
+from ..model.detr import DETR
+from ..model.minimal import DETRdemo
+from ..model.segmentation import DETRsegm
+from ..postprocess import postprocess_detections, postprocess_panoptic
+from .names import COCO_LAST_THING_ID, ClassNames, resolve_class_names
+
+if TYPE_CHECKING:
+    from .attention import AttentionMaps
+
+ImageInput = Image.Image | str | os.PathLike[str]
+
+__all__ = ["Detection", "Detector", "ImageInput", "PanopticSegmentation", "nms"]
+
+
+@dataclass(frozen=True)
+class Detection:
+    """One detected object: ``box`` = (x0, y0, x1, y1) in the original image's pixels."""
+
+    box: tuple[float, float, float, float]
+    score: float
+    label: int
+    name: str
+
+    @property
+    def box_xywh(self) -> tuple[float, float, float, float]:
+        """(x, y, width, height): the COCO json layout."""
+        x0, y0, x1, y1 = self.box
+        return x0, y0, x1 - x0, y1 - y0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"box": list(self.box), "score": self.score, "label": self.label, "name": self.name}
+
+
+@dataclass(frozen=True)
+class PanopticSegmentation:
+    """``segment_ids`` int32 [H, W] at the original size; each value is the ``id`` of one of ``segments``
+    (dicts with "id", "category_id", "isthing", "area", "name")."""
+
+    segment_ids: Tensor
+    segments: list[dict[str, Any]]
+
+
+def nms(boxes_xyxy: Tensor, scores: Tensor, labels: Tensor | None = None, iou_threshold: float = 0.5) -> Tensor:
+    """Greedy non-maximum suppression, class-wise when ``labels`` are given.
+
+    Visits boxes by decreasing score and drops every later box (of the same label) whose IoU with a
+    kept one is > ``iou_threshold``. boxes_xyxy [N, 4], scores [N], labels [N]; returns the kept
+    indices [M], by decreasing score.
+    """
+    order = scores.argsort(descending=True, stable=True)
+    iou, _ = box_iou(boxes_xyxy[order], boxes_xyxy[order])  # [N, N]
+    overlaps = iou > iou_threshold  # NaN (two empty boxes) compares False: both kept
+    if labels is not None:
+        sorted_labels = labels[order]
+        overlaps &= sorted_labels[:, None] == sorted_labels[None, :]
+    keep = torch.ones(len(order), dtype=torch.bool, device=order.device)
+    for i in range(len(order)):
+        if keep[i]:
+            keep[i + 1 :] &= ~overlaps[i, i + 1 :]
+    return order[keep]
+
+
+def _chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+class Detector:
+    """A detector ready for images: preprocessing, batching, post-processing and class names.
+
+    Args:
+        model: a DETR, DETRsegm (panoptic; :meth:`panoptic` then works too) or DETRdemo.
+        class_names: {label id: name} or a list indexed by id; default: the COCO names for 91-class
+            (and 250-class panoptic) models, else ``str(id)``.
+        device: where the model runs.
+        threshold: keep detections with score > threshold.
+        size, max_size: the validation resize (short side, cap on the long side).
+        batch_size: images per forward pass. The default 1 makes each image's result independent of
+            the others (a batch pads its images, and the padding reaches the backbone's features);
+            larger batches are faster on a GPU.
+        nms_iou: if given, class-wise NMS at this IoU (DETR needs none; the paper's ablation).
+        panoptic_threshold: class-probability threshold of :meth:`panoptic` (the reference's 0.85).
+        is_thing: category id -> thing? for :meth:`panoptic`; default: COCO's rule, id <= 90.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        class_names: ClassNames | None = None,
+        device: str | torch.device = "cpu",
+        threshold: float = 0.7,
+        size: int = 800,
+        max_size: int = 1333,
+        batch_size: int = 1,
+        nms_iou: float | None = None,
+        panoptic_threshold: float = 0.85,
+        is_thing: Callable[[int], bool] | Mapping[int, bool] | None = None,
+    ) -> None:
+        if not isinstance(model, DETR | DETRsegm | DETRdemo):
+            raise TypeError(f"expected a DETR, DETRsegm or DETRdemo model, got {type(model).__name__}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval()
+        self.threshold = threshold
+        self.size, self.max_size = size, max_size
+        self.batch_size = batch_size
+        self.nms_iou = nms_iou
+        self.panoptic_threshold = panoptic_threshold
+        self.is_thing = is_thing if is_thing is not None else (lambda category: category <= COCO_LAST_THING_ID)
+        self.class_names = resolve_class_names(self.num_classes, explicit=class_names)
+        self._transform = make_coco_transforms("val", scales=[size], max_size=max_size)
+
+    @classmethod
+    def from_checkpoint(
+        cls,
+        path: str | os.PathLike[str],
+        device: str | torch.device = "cpu",
+        threshold: float = 0.7,
+        *,
+        class_names: ClassNames | None = None,
+        class_names_from: str | os.PathLike[str] | None = None,
+        **kwargs: Any,
+    ) -> Detector:
+        """Load any checkpoint ``load_checkpoint`` reads. Class names: ``class_names``, else the
+        categories of the dataset json ``class_names_from``, else the checkpoint's metadata
+        ``class_names``, else COCO's for 91/250-class models. ``kwargs`` go to the constructor."""
+        model = load_checkpoint(path)
+        metadata = read_checkpoint(path).metadata if class_names is None and class_names_from is None else None
+        num_classes = model.config.num_classes
+        names = resolve_class_names(num_classes, explicit=class_names, json_path=class_names_from, metadata=metadata)
+        return cls(model, class_names=names, device=device, threshold=threshold, **kwargs)
+
+    # --- properties ----------------------------------------------------------------------------
+
+    @property
+    def detection_model(self) -> nn.Module:
+        """The module that predicts boxes (a panoptic model's inner DETR: no mask head needed for boxes)."""
+        return self.model.detr if isinstance(self.model, DETRsegm) else self.model
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.model.config.num_classes)
+
+    @property
+    def is_panoptic(self) -> bool:
+        return isinstance(self.model, DETRsegm)
+
+    def name(self, label: int) -> str:
+        return self.class_names.get(int(label), str(int(label)))
+
+    # --- input ---------------------------------------------------------------------------------
+
+    @staticmethod
+    def load(image: ImageInput) -> Image.Image:
+        """A PIL image as RGB, or a file loaded as RGB with its EXIF orientation applied
+        (raises ``ImageLoadError`` naming the file when it is missing or unreadable)."""
+        if isinstance(image, Image.Image):
+            return image if image.mode == "RGB" else image.convert("RGB")
+        if isinstance(image, str | os.PathLike):
+            return load_image(Path(image))
+        raise TypeError(f"expected a PIL image or a path, got {type(image).__name__}")
+
+    def preprocess(self, image: Image.Image) -> Tensor:
+        """RGB PIL image -> normalized [3, h, w] float tensor (the validation transform)."""
+        pixels, _ = self._transform(image, None)
+        return pixels
+
+    def _forward(self, module: nn.Module, images: Sequence[Image.Image]) -> tuple[dict[str, Tensor], list[Tensor]]:
+        """Model outputs for a batch of images, and their preprocessed tensors."""
+        tensors = [self.preprocess(image).to(self.device) for image in images]
+        if isinstance(module, DETRdemo):  # it has no padding mask: one image per forward
+            outs = [module(t[None]) for t in tensors]
+            return {k: torch.cat([o[k] for o in outs]) for k in ("pred_logits", "pred_boxes")}, tensors
+        return module(tensors), tensors
+
+    # --- detection -----------------------------------------------------------------------------
+
+    def select(
+        self, result: Mapping[str, Tensor], threshold: float | None, top_k: int | None = None
+    ) -> Tensor:
+        """Query indices kept from one image's ``postprocess_detections`` result (every query):
+        score > threshold, NMS if configured, best ``top_k``; by decreasing score."""
+        scores = result["scores"]
+        idx = torch.arange(len(scores), device=scores.device)
+        if threshold is not None:
+            idx = idx[scores > threshold]
+        idx = idx[scores[idx].argsort(descending=True, stable=True)]
+        if self.nms_iou is not None:
+            idx = idx[nms(result["boxes"][idx], scores[idx], result["labels"][idx], self.nms_iou)]
+        return idx if top_k is None else idx[:top_k]
+
+    def to_detections(self, result: Mapping[str, Tensor], indices: Tensor) -> list[Detection]:
+        boxes, scores, labels = (result[k][indices].cpu() for k in ("boxes", "scores", "labels"))
+        return [
+            Detection(tuple(float(v) for v in box), float(score), int(label), self.name(int(label)))
+            for box, score, label in zip(boxes.tolist(), scores.tolist(), labels.tolist(), strict=True)
+        ]
+
+    def _run(
+        self, images: Sequence[Image.Image], *, panoptic: bool, threshold: float | None,
+        panoptic_threshold: float | None,
+    ) -> Iterator[tuple[list[Detection], PanopticSegmentation | None]]:
+        """Per image: detections and, if ``panoptic``, the segmentation, from one forward per batch."""
+        threshold = self.threshold if threshold is None else threshold
+        panoptic_threshold = self.panoptic_threshold if panoptic_threshold is None else panoptic_threshold
+        if panoptic and not self.is_panoptic:
+            raise TypeError("panoptic segmentation needs a panoptic checkpoint (DETRsegm, with a mask head)")
+        with torch.inference_mode():
+            for chunk in _chunks(list(images), self.batch_size):
+                outputs, tensors = self._forward(self.model if panoptic else self.detection_model, chunk)
+                orig_sizes = [(image.height, image.width) for image in chunk]
+                detections = [
+                    self.to_detections(per_image, self.select(per_image, threshold))
+                    for per_image in postprocess_detections(outputs, orig_sizes)
+                ]
+                if not panoptic:
+                    yield from ((dets, None) for dets in detections)
+                    continue
+                input_sizes = [tuple(t.shape[-2:]) for t in tensors]
+                merged = postprocess_panoptic(outputs, input_sizes, orig_sizes, is_thing=self.is_thing,
+                                              threshold=panoptic_threshold)
+                for dets, item in zip(detections, merged, strict=True):
+                    segments = [{**s, "name": self.name(s["category_id"])} for s in item["segments_info"]]
+                    yield dets, PanopticSegmentation(item["segment_ids"], segments)
+
+    def detect(self, images: Sequence[Image.Image], *, threshold: float | None = None) -> list[list[Detection]]:
+        """Detections per loaded image (see :meth:`__call__`)."""
+        return [dets for dets, _ in self._run(images, panoptic=False, threshold=threshold, panoptic_threshold=None)]
+
+    def predict(
+        self, images: Sequence[Image.Image], *, threshold: float | None = None, panoptic_threshold: float | None = None
+    ) -> list[tuple[list[Detection], PanopticSegmentation | None]]:
+        """Per loaded image: its detections and, for a panoptic model, its segmentation (one forward)."""
+        return list(self._run(images, panoptic=self.is_panoptic, threshold=threshold,
+                              panoptic_threshold=panoptic_threshold))
+
+    def __call__(
+        self, images: ImageInput | Sequence[ImageInput], *, threshold: float | None = None
+    ) -> list[Detection] | list[list[Detection]]:
+        """Detect objects in a PIL image or an image file (-> a list of detections, by decreasing
+        score), or in a list of them (-> one such list per image)."""
+        single = not isinstance(images, list | tuple)
+        items = [images] if single else list(images)
+        results = self.detect([self.load(x) for x in items], threshold=threshold)
+        return results[0] if single else results
+
+    # --- panoptic ------------------------------------------------------------------------------
+
+    def panoptic(
+        self, images: ImageInput | Sequence[ImageInput], *, threshold: float | None = None
+    ) -> PanopticSegmentation | list[PanopticSegmentation]:
+        """Panoptic segmentation (the reference's merge, ``postprocess_panoptic``; class-probability
+        ``threshold``, default ``panoptic_threshold``) of an image or a list of images; needs a
+        panoptic (DETRsegm) model."""
+        single = not isinstance(images, list | tuple)
+        items = [images] if single else list(images)
+        loaded = [self.load(x) for x in items]
+        results = [seg for _, seg in self._run(loaded, panoptic=True, threshold=None, panoptic_threshold=threshold)]
+        return results[0] if single else results
+
+    # --- attention -----------------------------------------------------------------------------
+
+    def attention(
+        self,
+        image: ImageInput,
+        *,
+        top_k: int = 4,
+        points: Sequence[tuple[float, float]] | None = None,
+        threshold: float | None = None,
+    ) -> AttentionMaps:
+        """Attention maps of one image: the last decoder layer's cross-attention of the ``top_k``
+        best detections (score > ``threshold`` if given) and the last encoder layer's self-attention
+        at ``points`` ((x, y) in image pixels; default: the centres of those detections' boxes).
+        See :func:`detr.inference.attention.attention_maps`."""
+        from .attention import attention_maps
+
+        return attention_maps(self, image, top_k=top_k, points=points, threshold=threshold)
