@@ -1,4 +1,5 @@
-"""``detr`` command line: train | eval | demo | convert | plot | predict | attention | export. Thin: flags -> API.
+"""``detr`` command line: train | eval | demo | convert | plot | predict | attention | export |
+eval-panoptic | data. Thin: flags -> API.
 
 Flag names follow the reference implementation's main.py where it has one, so its users can switch
 without rereading docs (``--coco_path --batch_size --lr --lr_backbone --lr_drop --epochs ...``).
@@ -164,6 +165,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    if getattr(args, "panoptic", False):
+        from .engine.panoptic_commands import cmd_eval_panoptic
+
+        return cmd_eval_panoptic(args)
     import torch
 
     from .checkpoint import load_checkpoint
@@ -247,6 +252,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_data_flags(p)
     p.add_argument("--amp", choices=("bf16", "fp16"), default=None)
     p.add_argument("--output_dir", default="outputs/eval")
+    from .engine.panoptic_commands import add_panoptic_eval_flags, add_panoptic_parsers
+
+    add_panoptic_eval_flags(p)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("demo", help="generate shapes, train a small DETR on CPU, evaluate, draw predictions")
@@ -273,6 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .export import add_export_parser
 
     add_export_parser(sub)
+    add_panoptic_parsers(sub)
     return parser
 
 

@@ -234,7 +234,8 @@ def preset(name: str, **overrides: Any) -> DetrConfig:
         "shapes-small": DetrConfig(
             num_classes=4,
             num_queries=10,
-            backbone=BackboneConfig(name="resnet18"),
+            # trained from scratch: no ImageNet statistics to freeze, so a trained GroupNorm and every stage trains
+            backbone=BackboneConfig(name="resnet18", norm="group_norm", frozen_stages=0),
             transformer=TransformerConfig(
                 hidden_dim=128, nheads=8, enc_layers=2, dec_layers=2, dim_feedforward=256, dropout=0.0
             ),

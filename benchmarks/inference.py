@@ -1,0 +1,119 @@
+"""Inference speed of DETR-R50 against the machine's FLOP floor, and against Hugging Face's DETR.
+
+    python benchmarks/inference.py --json [--precision bf16] [--runs 5] [--no_hf]
+
+One JSON line: seconds per image (median of --runs timed runs after a warm-up) for one 800x1066 image
+and for a batch of 4 mixed-size images, the model's FLOPs (torch.utils.flop_counter), the machine's
+measured matmul throughput (fp32, and bf16), the floor = FLOPs / throughput, ``ratio_to_floor`` and
+``speedup_vs_hf`` (transformers' DetrForObjectDetection, same architecture, random weights).
+Random weights are fine: the work does not depend on the values.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from detr import build_detr, preset
+
+SINGLE = (800, 1066)
+MIXED = ((800, 1066), (800, 1201), (736, 1104), (800, 983))  # a batch of 4 COCO-like sizes (padded inside)
+
+
+def matmul_throughput(dtype: torch.dtype, n: int = 2048, seconds: float = 2.0) -> float:
+    """Sustained FLOP/s of an n x n matrix product in ``dtype`` (best of repeated runs)."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b  # warm-up
+    best, start = float("inf"), time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        t = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best
+
+
+def median_seconds(fn: Callable[[], object], runs: int, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def count_flops(model: torch.nn.Module, images: list[torch.Tensor]) -> int:
+    # The counter needs ordinary tensors (not inference_mode); the model's parameters are frozen.
+    with FlopCounterMode(display=False) as counter:
+        model(images)
+    return counter.get_total_flops()
+
+
+def hf_model() -> torch.nn.Module:
+    from transformers import DetrConfig, DetrForObjectDetection
+
+    config = DetrConfig(use_timm_backbone=False, use_pretrained_backbone=False, num_labels=91)
+    return DetrForObjectDetection(config).eval()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--runs", type=int, default=5)
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
+    p.add_argument("--no_hf", action="store_true", help="skip the Hugging Face comparison")
+    p.add_argument("--json", action="store_true")
+    args = p.parse_args(argv)
+    torch.manual_seed(0)
+    model = build_detr(preset("r50")).eval().requires_grad_(False)
+    single = [torch.randn(3, *SINGLE)]
+    mixed = [torch.randn(3, *size) for size in MIXED]
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.precision == "bf16")
+
+    def ours(images: list[torch.Tensor]) -> Callable[[], object]:
+        def run() -> object:
+            with torch.inference_mode(), autocast:
+                return model(images)
+        return run
+
+    flops_single = count_flops(model, single)
+    flops_mixed = count_flops(model, mixed)
+    fp32 = matmul_throughput(torch.float32)
+    # Small: CPUs without bf16 instructions run bf16 matmuls hundreds of times slower than fp32.
+    bf16 = matmul_throughput(torch.bfloat16, n=512)
+    peak = bf16 if args.precision == "bf16" else fp32
+    t_single = median_seconds(ours(single), args.runs)
+    t_mixed = median_seconds(ours(mixed), args.runs) / len(mixed)
+    result = {
+        "precision": args.precision, "threads": torch.get_num_threads(), "runs": args.runs,
+        "seconds_per_image": round(t_single, 4), "seconds_per_image_batch4": round(t_mixed, 4),
+        "gflops": round(flops_single / 1e9, 2), "gflops_batch4_per_image": round(flops_mixed / len(mixed) / 1e9, 2),
+        "matmul_gflops_fp32": round(fp32 / 1e9, 1), "matmul_gflops_bf16": round(bf16 / 1e9, 1),
+        "floor_seconds": round(flops_single / peak, 4),
+        "ratio_to_floor": round(t_single / (flops_single / peak), 3),
+        "ratio_to_floor_batch4": round(t_mixed / (flops_mixed / len(mixed) / peak), 3),
+    }
+    if not args.no_hf:
+        hf = hf_model()
+        pixels = single[0][None]
+
+        def run_hf() -> object:
+            with torch.inference_mode(), autocast:
+                return hf(pixel_values=pixels)
+
+        t_hf = median_seconds(run_hf, args.runs)
+        result.update({"hf_seconds_per_image": round(t_hf, 4), "speedup_vs_hf": round(t_hf / t_single, 3),
+                       "hf_ratio_to_floor": round(t_hf / (flops_single / peak), 3)})
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

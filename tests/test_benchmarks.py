@@ -1,0 +1,42 @@
+"""The benchmark scripts' pieces that can be checked quickly (their timed runs live in benchmarks/)."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import COCO_MINI
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_overfit_subset_keeps_the_first_images_and_their_annotations(tmp_path):
+    overfit = _load("overfit")
+    source = COCO_MINI / "annotations" / "instances_train2017.json"
+    images, objects = overfit.subset_annotations(source, 10, tmp_path / "subset.json")
+    data, full = json.loads((tmp_path / "subset.json").read_text()), json.loads(source.read_text())
+    assert [im["id"] for im in data["images"]] == [im["id"] for im in full["images"][:10]] and images == 10
+    ids = {im["id"] for im in data["images"]}
+    expected = [a for a in full["annotations"] if a["image_id"] in ids]
+    assert data["annotations"] == expected and data["categories"] == full["categories"]
+    assert objects == sum(1 for a in expected if not a["iscrowd"]) > 0
+    with pytest.raises(ValueError, match="--images"):
+        overfit.subset_annotations(source, len(full["images"]) + 1, tmp_path / "x.json")
+
+
+def test_train_step_targets_are_valid_boxes():
+    import torch
+
+    targets = _load("train_step").targets(torch.Generator().manual_seed(0), 2)
+    for t in targets:
+        boxes = t["boxes"]
+        assert boxes.shape == (7, 4) and (boxes[:, :2] - boxes[:, 2:] / 2 >= 0).all()
+        assert (boxes[:, :2] + boxes[:, 2:] / 2 <= 1).all() and ((t["labels"] >= 1) & (t["labels"] <= 90)).all()
