@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from .config import preset
-from .data.shapes import SHAPES_CATEGORIES, generate_shapes
+from .data.shapes import generate_shapes
 from .engine.train import TrainOptions, train
 
 log = logging.getLogger(__name__)
@@ -54,23 +54,18 @@ def run_demo(output_dir: str | Path = "outputs/demo", *, epochs: int | None = No
 def draw_predictions(checkpoint: Path, image_dir: Path, out_dir: Path, count: int,
                      threshold: float = 0.5) -> list[Path]:
     """Run the trained model on the first ``count`` images of ``image_dir`` and save drawings."""
-    from .checkpoint import load_checkpoint
-    from .data.images import load_image
-    from .data.transforms import Normalize, ToTensor
+    from .inference.predictor import Detector
     from .inference.visualize import draw_detections
-    from .postprocess import postprocess_detections
 
-    model = load_checkpoint(checkpoint)
-    names = {c["id"]: c["name"] for c in SHAPES_CATEGORIES}
+    size = DEMO_DATA["image_size"]
+    detector = Detector.from_checkpoint(checkpoint, threshold=threshold, size=size, max_size=2 * size)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     for path in sorted(image_dir.glob("*.png"))[:count]:
-        image = load_image(path)
-        pixels, _ = Normalize()(*ToTensor()(image, None))
-        with torch.inference_mode():
-            outputs = model([pixels])
-        det = postprocess_detections(outputs, [(image.height, image.width)], threshold=threshold)[0]
-        drawn = draw_detections(image, det["boxes"].tolist(), det["labels"].tolist(), det["scores"].tolist(), names)
+        image = detector.load(path)
+        found = detector(image)
+        drawn = draw_detections(image, [d.box for d in found], [d.label for d in found], [d.score for d in found],
+                                detector.class_names)
         target = out_dir / f"{path.stem}.png"
         drawn.resize((image.width * 3, image.height * 3)).save(target)
         written.append(target)

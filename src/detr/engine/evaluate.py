@@ -270,12 +270,12 @@ class CocoEvaluator:
         return metrics
 
 
-def _image_id(target: Mapping[str, Any]) -> int:
+def target_image_id(target: Mapping[str, Any]) -> int:
     image_id = target["image_id"]
     return int(image_id.reshape(-1)[0]) if isinstance(image_id, Tensor) else int(image_id)
 
 
-def _sizes(targets: Sequence[Mapping[str, Any]], key: str) -> Tensor:
+def target_sizes(targets: Sequence[Mapping[str, Any]], key: str) -> Tensor:
     """[B, 2] (h, w) from each target's ``key``."""
     return torch.stack([torch.as_tensor(t[key]).reshape(2).cpu() for t in targets])  # [B, 2]
 
@@ -325,13 +325,13 @@ def evaluate(
                 if evaluator is None:
                     types = iou_types or (("bbox", "segm") if "pred_masks" in outputs else ("bbox",))
                     evaluator = CocoEvaluator(coco_gt, types, label_to_category=label_to_category)
-                orig_sizes = _sizes(targets, "orig_size")  # [B, 2]
+                orig_sizes = target_sizes(targets, "orig_size")  # [B, 2]
                 results = postprocess_detections(outputs, orig_sizes)
                 if "segm" in evaluator.iou_types:
                     if "pred_masks" not in outputs:
                         raise ValueError("segm evaluation needs a model that outputs pred_masks")
-                    postprocess_masks(results, outputs["pred_masks"], _sizes(targets, "size"), orig_sizes)
-                evaluator.update({_image_id(t): r for t, r in zip(targets, results, strict=True)})
+                    postprocess_masks(results, outputs["pred_masks"], target_sizes(targets, "size"), orig_sizes)
+                evaluator.update({target_image_id(t): r for t, r in zip(targets, results, strict=True)})
     finally:
         model.train(was_training)
     if evaluator is None:  # an empty loader

@@ -39,7 +39,7 @@ from tqdm import tqdm
 
 from detr.data.panoptic import read_json, read_segment_ids
 from detr.engine.distributed import is_main_process, world_size
-from detr.engine.evaluate import CocoEvaluator, _image_id, _sizes
+from detr.engine.evaluate import CocoEvaluator, target_image_id, target_sizes
 from detr.postprocess import postprocess_detections, postprocess_masks, postprocess_panoptic, segment_ids_to_png
 
 log = logging.getLogger(__name__)
@@ -363,8 +363,8 @@ def evaluate_panoptic(
                 outputs = {k: v.float() for k, v in outputs.items() if k in ("pred_logits", "pred_boxes", "pred_masks")}
                 if "pred_masks" not in outputs:
                     raise ValueError("panoptic evaluation needs a model that outputs pred_masks (a --masks model)")
-                input_sizes, orig_sizes = _sizes(targets, "size"), _sizes(targets, "orig_size")  # [B, 2]
-                image_ids = [_image_id(t) for t in targets]
+                input_sizes, orig_sizes = target_sizes(targets, "size"), target_sizes(targets, "orig_size")  # [B, 2]
+                image_ids = [target_image_id(t) for t in targets]
                 if coco_eval is not None:
                     results = postprocess_detections(outputs, orig_sizes)
                     postprocess_masks(results, outputs["pred_masks"], input_sizes, orig_sizes)
