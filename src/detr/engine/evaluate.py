@@ -15,7 +15,7 @@ import contextlib
 import copy
 import io
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -280,6 +280,27 @@ def target_sizes(targets: Sequence[Mapping[str, Any]], key: str) -> Tensor:
     return torch.stack([torch.as_tensor(t[key]).reshape(2).cpu() for t in targets])  # [B, 2]
 
 
+def model_outputs(
+    model: nn.Module, data_loader: Iterable, *, device: torch.device, amp_dtype: torch.dtype | None, progress: bool
+) -> Iterator[tuple[dict[str, Tensor], list[dict[str, Any]]]]:
+    """(outputs in float32, targets) per batch, the model in eval mode under inference_mode; the
+    model's train/eval state is restored afterwards. Batches whose images were all dropped are skipped."""
+    is_main = _distributed_world_size() == 1 or dist.get_rank() == 0
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            for images, targets in tqdm(data_loader, desc="evaluate", disable=not (progress and is_main)):
+                if images is None:  # every image of the batch was dropped by the dataset
+                    continue
+                with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                    outputs = model(images.to(device, non_blocking=True))
+                kept = ("pred_logits", "pred_boxes", "pred_masks")  # aux outputs are not evaluated
+                yield {k: v.float() for k, v in outputs.items() if k in kept}, targets
+    finally:
+        model.train(was_training)
+
+
 def evaluate(
     model: nn.Module,
     data_loader: Iterable,
@@ -312,28 +333,17 @@ def evaluate(
     is_main = _distributed_world_size() == 1 or dist.get_rank() == 0
     evaluator = None
     start = time.perf_counter()
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode():
-            for images, targets in tqdm(data_loader, desc="evaluate", disable=not (progress and is_main)):
-                if images is None:  # every image of the batch was dropped by the dataset
-                    continue
-                with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                    outputs = model(images.to(device, non_blocking=True))
-                outputs = {k: v.float() for k, v in outputs.items() if k in ("pred_logits", "pred_boxes", "pred_masks")}
-                if evaluator is None:
-                    types = iou_types or (("bbox", "segm") if "pred_masks" in outputs else ("bbox",))
-                    evaluator = CocoEvaluator(coco_gt, types, label_to_category=label_to_category)
-                orig_sizes = target_sizes(targets, "orig_size")  # [B, 2]
-                results = postprocess_detections(outputs, orig_sizes)
-                if "segm" in evaluator.iou_types:
-                    if "pred_masks" not in outputs:
-                        raise ValueError("segm evaluation needs a model that outputs pred_masks")
-                    postprocess_masks(results, outputs["pred_masks"], target_sizes(targets, "size"), orig_sizes)
-                evaluator.update({target_image_id(t): r for t, r in zip(targets, results, strict=True)})
-    finally:
-        model.train(was_training)
+    for outputs, targets in model_outputs(model, data_loader, device=device, amp_dtype=amp_dtype, progress=progress):
+        if evaluator is None:
+            types = iou_types or (("bbox", "segm") if "pred_masks" in outputs else ("bbox",))
+            evaluator = CocoEvaluator(coco_gt, types, label_to_category=label_to_category)
+        orig_sizes = target_sizes(targets, "orig_size")  # [B, 2]
+        results = postprocess_detections(outputs, orig_sizes)
+        if "segm" in evaluator.iou_types:
+            if "pred_masks" not in outputs:
+                raise ValueError("segm evaluation needs a model that outputs pred_masks")
+            postprocess_masks(results, outputs["pred_masks"], target_sizes(targets, "size"), orig_sizes)
+        evaluator.update({target_image_id(t): r for t, r in zip(targets, results, strict=True)})
     if evaluator is None:  # an empty loader
         evaluator = CocoEvaluator(coco_gt, iou_types or ("bbox",), label_to_category=label_to_category)
     evaluator.synchronize()

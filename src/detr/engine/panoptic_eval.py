@@ -35,11 +35,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
-from tqdm import tqdm
 
 from detr.data.panoptic import read_json, read_segment_ids
 from detr.engine.distributed import is_main_process, world_size
-from detr.engine.evaluate import CocoEvaluator, target_image_id, target_sizes
+from detr.engine.evaluate import CocoEvaluator, model_outputs, target_image_id, target_sizes
 from detr.postprocess import postprocess_detections, postprocess_masks, postprocess_panoptic, segment_ids_to_png
 
 log = logging.getLogger(__name__)
@@ -351,30 +350,19 @@ def evaluate_panoptic(
     coco_eval = None if coco_gt is None else CocoEvaluator(coco_gt, ("bbox", "segm"))
     coco_ids = set() if coco_gt is None else set(coco_gt.getImgIds())
     is_main = is_main_process()
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode():
-            for images, targets in tqdm(data_loader, desc="evaluate", disable=not (progress and is_main)):
-                if images is None:  # every image of the batch was dropped by the dataset
-                    continue
-                with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                    outputs = model(images.to(device, non_blocking=True))
-                outputs = {k: v.float() for k, v in outputs.items() if k in ("pred_logits", "pred_boxes", "pred_masks")}
-                if "pred_masks" not in outputs:
-                    raise ValueError("panoptic evaluation needs a model that outputs pred_masks (a --masks model)")
-                input_sizes, orig_sizes = target_sizes(targets, "size"), target_sizes(targets, "orig_size")  # [B, 2]
-                image_ids = [target_image_id(t) for t in targets]
-                if coco_eval is not None:
-                    results = postprocess_detections(outputs, orig_sizes)
-                    postprocess_masks(results, outputs["pred_masks"], input_sizes, orig_sizes)
-                    coco_eval.update({i: r for i, r in zip(image_ids, results, strict=True) if i in coco_ids})
-                merged = postprocess_panoptic(outputs, input_sizes, orig_sizes, is_thing=panoptic.is_thing,
-                                              threshold=threshold)
-                for image_id, result in zip(image_ids, merged, strict=True):
-                    panoptic.update(image_id, result)
-    finally:
-        model.train(was_training)
+    for outputs, targets in model_outputs(model, data_loader, device=device, amp_dtype=amp_dtype, progress=progress):
+        if "pred_masks" not in outputs:
+            raise ValueError("panoptic evaluation needs a model that outputs pred_masks (a --masks model)")
+        input_sizes, orig_sizes = target_sizes(targets, "size"), target_sizes(targets, "orig_size")  # [B, 2]
+        image_ids = [target_image_id(t) for t in targets]
+        if coco_eval is not None:
+            results = postprocess_detections(outputs, orig_sizes)
+            postprocess_masks(results, outputs["pred_masks"], input_sizes, orig_sizes)
+            coco_eval.update({i: r for i, r in zip(image_ids, results, strict=True) if i in coco_ids})
+        merged = postprocess_panoptic(outputs, input_sizes, orig_sizes, is_thing=panoptic.is_thing,
+                                      threshold=threshold)
+        for image_id, result in zip(image_ids, merged, strict=True):
+            panoptic.update(image_id, result)
     panoptic.synchronize()
     metrics: dict[str, Any] = {}
     if coco_eval is not None:
