@@ -568,6 +568,7 @@ def load_checkpoint(
     dilation: bool | None = None,
     nheads: int | None = None,
     reinit_heads: bool = False,
+    checkpoint: Checkpoint | None = None,
 ) -> nn.Module:
     """Build the model a checkpoint describes and load its weights; eval mode, on the CPU.
 
@@ -575,8 +576,9 @@ def load_checkpoint(
     that do, it overrides theirs. ``num_classes`` / ``dilation`` / ``nheads`` override single fields
     (DC5 and the head count leave no trace in the weights: for bare reference files they default to
     "dc5 in the file name" and 8). With ``reinit_heads``, a class head of another size is re-initialized.
+    ``checkpoint``: ``read_checkpoint(path)`` when the caller has it already (saves reading the file twice).
     """
-    ckpt = read_checkpoint(path)
+    ckpt = checkpoint if checkpoint is not None else read_checkpoint(path)
     if ckpt.kind == "demo":
         demo_config = ckpt.demo_config or infer_demo_config(ckpt.state_dict)
         if nheads is not None:

@@ -154,8 +154,9 @@ class Detector:
         """Load any checkpoint ``load_checkpoint`` reads. Class names: ``class_names``, else the
         categories of the dataset json ``class_names_from``, else the checkpoint's metadata
         ``class_names``, else COCO's for 91/250-class models. ``kwargs`` go to the constructor."""
-        model = load_checkpoint(path)
-        metadata = read_checkpoint(path).metadata if class_names is None and class_names_from is None else None
+        ckpt = read_checkpoint(path)
+        model = load_checkpoint(path, checkpoint=ckpt)
+        metadata = ckpt.metadata if class_names is None and class_names_from is None else None
         num_classes = model.config.num_classes
         names = resolve_class_names(num_classes, explicit=class_names, json_path=class_names_from, metadata=metadata)
         return cls(model, class_names=names, device=device, threshold=threshold, **kwargs)
