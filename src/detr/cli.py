@@ -94,6 +94,12 @@ def model_config_from_args(args: argparse.Namespace, num_classes: int | None = N
 def add_data_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("data")
     g.add_argument("--coco_path", default=None, help="COCO layout: train2017/ val2017/ annotations/")
+    g.add_argument("--dataset_file", choices=("coco", "coco_panoptic"), default="coco",
+                   help="coco: instances json (+ masks with --masks); coco_panoptic: panoptic json + PNGs, as in "
+                        "the reference (stage 1 boxes of all segments, stage 2 --masks --frozen_weights)")
+    g.add_argument("--coco_panoptic_path", default=None,
+                   help="panoptic layout: annotations/panoptic_{train,val}2017.json + annotations/panoptic_{train,"
+                        "val}2017/ (or panoptic_{split}2017/); images stay under --coco_path; default: --coco_path")
     g.add_argument("--train_images", default=None, help="custom data: image folder (with --train_json)")
     g.add_argument("--train_json", default=None)
     g.add_argument("--val_images", default=None)
@@ -121,8 +127,16 @@ def _train_num_classes(args: argparse.Namespace) -> int | None:
     """max category id + 1 of the training json (the reference's meaning of num_classes)."""
     from .engine.train import TrainOptions, _split_paths
 
-    opts = TrainOptions(coco_path=args.coco_path, train_images=args.train_images, train_json=args.train_json)
-    ann = Path(_split_paths(opts, "train")[1])
+    if args.dataset_file == "coco_panoptic":
+        from .data.panoptic import coco_panoptic_paths
+
+        root = args.coco_panoptic_path or args.coco_path
+        if root is None:
+            raise SystemExit("--dataset_file coco_panoptic needs --coco_panoptic_path DIR (or --coco_path DIR)")
+        ann = coco_panoptic_paths(root, "train")[1]
+    else:
+        opts = TrainOptions(coco_path=args.coco_path, train_images=args.train_images, train_json=args.train_json)
+        ann = Path(_split_paths(opts, "train")[1])
     if not ann.is_file():
         raise FileNotFoundError(f"annotation file not found: {ann}")
     categories = json.loads(ann.read_text()).get("categories") or []
@@ -144,8 +158,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     num_classes = None if args.num_classes is not None else _train_num_classes(args)
     config = model_config_from_args(args, num_classes)
     options = TrainOptions(
-        coco_path=args.coco_path, train_images=args.train_images, train_json=args.train_json,
-        val_images=args.val_images, val_json=args.val_json, output_dir=args.output_dir, epochs=args.epochs,
+        coco_path=args.coco_path, dataset_file=args.dataset_file, coco_panoptic_path=args.coco_panoptic_path,
+        train_images=args.train_images, train_json=args.train_json, val_images=args.val_images,
+        val_json=args.val_json, output_dir=args.output_dir, epochs=args.epochs,
         batch_size=args.batch_size, lr=args.lr, lr_backbone=args.lr_backbone, weight_decay=args.weight_decay,
         lr_drop=args.lr_drop, clip_max_norm=args.clip_max_norm, seed=args.seed, num_workers=args.num_workers,
         device=args.device, amp=args.amp, resume=args.resume, pretrained=args.pretrained,

@@ -25,6 +25,9 @@ and goes through the same transforms as detection (``t(image, target, rng)``, se
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import io
 import json
 import logging
 import os
@@ -197,6 +200,34 @@ class CocoPanoptic(Dataset):
 
     def __len__(self) -> int:
         return len(self.ids)
+
+    @functools.cached_property
+    def coco(self) -> Any:
+        """The segments as a pycocotools COCO with boxes only (bbox AP of a detector trained on panoptic data).
+
+        Boxes, areas and crowd flags come from the json's ``segments_info``; every segment, thing or
+        stuff, is an object, as in the paper's first (box) stage of panoptic training.
+        """
+        from pycocotools.coco import COCO
+
+        annotations = []
+        for image_id in self.ids:
+            for segment in self.annotations[image_id]["segments_info"]:
+                if "bbox" not in segment:
+                    where = f"image {image_id} segment {segment.get('id')}"
+                    raise ValueError(f"{self.annotation_file}: {where} has no bbox")
+                x, y, w, h = (float(v) for v in segment["bbox"])
+                annotations.append({
+                    "id": len(annotations) + 1, "image_id": image_id, "category_id": int(segment["category_id"]),
+                    "bbox": [x, y, w, h], "area": float(segment.get("area", w * h)),
+                    "iscrowd": int(segment.get("iscrowd", 0)),
+                })
+        coco = COCO()
+        coco.dataset = {"images": [self.images[i] for i in self.ids], "annotations": annotations,
+                        "categories": list(self.categories.values())}
+        with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
+            coco.createIndex()
+        return coco
 
     def image_path(self, index: int) -> Path:
         return self.image_dir / self.images[self.ids[index]]["file_name"]

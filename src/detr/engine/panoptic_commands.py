@@ -78,9 +78,6 @@ def add_panoptic_eval_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("panoptic (with --panoptic)")
     g.add_argument("--panoptic", action="store_true",
                    help="also compute PQ/SQ/RQ (COCO panoptic) of a panoptic checkpoint; AP needs an instances json")
-    g.add_argument("--coco_panoptic_path", default=None,
-                   help="panoptic layout: annotations/panoptic_val2017.json + annotations/panoptic_val2017/ "
-                        "(or panoptic_val2017/); default: --coco_path")
     g.add_argument("--panoptic_json", default=None, help="custom data: ground-truth panoptic json")
     g.add_argument("--panoptic_folder", default=None, help="custom data: ground-truth PNG folder")
     g.add_argument("--panoptic_threshold", type=float, default=0.85,

@@ -28,6 +28,7 @@ from ..checkpoint import CheckpointError, atomic_write, load_weights, read_check
 from ..config import DetrConfig
 from ..data.batch import collate_detection
 from ..data.coco import CocoDetection, build_coco
+from ..data.panoptic import CocoPanoptic, coco_panoptic_paths
 from ..data.transforms import make_coco_transforms
 from ..loss import HungarianMatcher, SetCriterion
 from ..model.detr import build_detr
@@ -47,6 +48,8 @@ class TrainOptions:
     """Everything about a run that is not the model (the reference's flag names where it has one)."""
 
     coco_path: str | None = None  # standard layout: train2017/ val2017/ annotations/instances_*.json
+    dataset_file: str = "coco"  # "coco" (instances) or "coco_panoptic" (panoptic json + PNGs), as in the reference
+    coco_panoptic_path: str | None = None  # panoptic layout: annotations/panoptic_{split}2017(.json); default coco_path
     train_images: str | None = None  # or any COCO-format json + image folder
     train_json: str | None = None
     val_images: str | None = None
@@ -94,13 +97,38 @@ def _split_paths(options: TrainOptions, split: str) -> tuple[str, str]:
     return str(image_dir), str(ann_file)
 
 
-def build_dataset(options: TrainOptions, split: str, *, train_augment: bool, masks: bool) -> CocoDetection:
+DATASET_FILES = ("coco", "coco_panoptic")
+
+
+def _build_panoptic(options: TrainOptions, split: str, transforms, masks: bool) -> CocoPanoptic:
+    root = options.coco_panoptic_path or options.coco_path
+    if root is None:
+        raise ValueError("--dataset_file coco_panoptic needs --coco_panoptic_path DIR (or --coco_path DIR)")
+    image_dir, ann_json, seg_folder = coco_panoptic_paths(options.coco_path or root, split, root)
+    custom_images = options.train_images if split == "train" else options.val_images
+    if custom_images:
+        image_dir = Path(custom_images)
+    missing = [str(p) for p in (image_dir, ann_json, seg_folder) if not p.exists()]
+    if missing:
+        raise FileNotFoundError(f"COCO panoptic {split} split incomplete, missing: {', '.join(missing)}")
+    return CocoPanoptic(image_dir, ann_json, seg_folder, transforms=transforms, return_masks=masks,
+                        skip_bad_images=options.skip_bad_images, seed=options.seed)
+
+
+def build_dataset(
+    options: TrainOptions, split: str, *, train_augment: bool, masks: bool
+) -> CocoDetection | CocoPanoptic:
+    """The ``split`` dataset of ``options.dataset_file``, with training or evaluation transforms."""
+    if options.dataset_file not in DATASET_FILES:
+        raise ValueError(f"unknown dataset_file {options.dataset_file!r}; choose from {DATASET_FILES}")
     scales = options.train_scales
     if train_augment and options.augment:
         transforms = make_coco_transforms("train", scales=scales, max_size=options.max_size)
     else:
         val_scales = [options.val_scale] if options.val_scale else scales
         transforms = make_coco_transforms("val", scales=val_scales, max_size=options.max_size)
+    if options.dataset_file == "coco_panoptic":
+        return _build_panoptic(options, split, transforms, masks)
     images, ann = _split_paths(options, split)
     if options.coco_path and not (options.train_images or options.val_images):
         return build_coco(options.coco_path, split, transforms=transforms, return_masks=masks,
@@ -363,7 +391,7 @@ def train(model_config: DetrConfig, options: TrainOptions) -> dict[str, Any]:
             record = {"type": "epoch", "epoch": epoch, **{f"train_{k}": v for k, v in stats.items()}}
             last = epoch == options.epochs - 1
             if last or (options.eval_every and (epoch + 1) % options.eval_every == 0):
-                record.update(_evaluate(model, val_loader, val_set, device, amp_dtype, options, info))
+                record.update(_evaluate(model, val_loader, val_set, device, amp_dtype, options, info, out_dir))
             log_file.write(record)
             if info.is_main:
                 log.info("epoch %d: %s", epoch, _summary(record))
@@ -387,9 +415,48 @@ def _pretrained_state(path: str, model: nn.Module) -> dict[str, torch.Tensor]:
     return sd
 
 
-def _evaluate(model, loader, dataset, device, amp_dtype, options: TrainOptions, info) -> dict[str, Any]:
+def _panoptic_instances(options: TrainOptions) -> Any:
+    """The val instances json as a pycocotools COCO (for bbox/segm AP of a panoptic model), or None."""
+    if options.val_json:
+        path = Path(options.val_json)
+    elif options.coco_path:
+        from ..data.coco import coco_paths
+
+        path = Path(coco_paths(options.coco_path, "val")[1])
+    else:
+        return None
+    if not path.is_file():
+        return None
+    import contextlib
+    import io
+
+    from pycocotools.coco import COCO
+
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
+        return COCO(str(path))
+
+
+def _evaluate(model, loader, dataset, device, amp_dtype, options: TrainOptions, info,
+              out_dir: Path | None = None) -> dict[str, Any]:
     from .evaluate import evaluate
 
+    if isinstance(dataset, CocoPanoptic) and isinstance(model, DETRsegm):
+        # The reference's panoptic evaluation: PQ on the panoptic ground truth, plus bbox/segm AP
+        # against the instances json when there is one.
+        from .panoptic_eval import evaluate_panoptic
+
+        result = evaluate_panoptic(
+            model, loader, gt_json=dataset.annotation_file, gt_folder=dataset.seg_folder,
+            output_dir=(out_dir or Path(options.output_dir)) / "eval_panoptic", coco_gt=_panoptic_instances(options),
+            device=device, amp_dtype=amp_dtype, progress=options.progress and info.is_main,
+        )
+        out = {}
+        for group, suffix in (("All", ""), ("Things", "_th"), ("Stuff", "_st")):
+            for metric in ("pq", "sq", "rq"):
+                out[f"panoptic_{metric.upper()}{suffix}"] = result["panoptic"][group][metric]
+        for iou_type in ("bbox", "segm"):
+            out.update({f"{iou_type}_{k}": v for k, v in result.get(iou_type, {}).items()})
+        return out
     iou_types = ("bbox", "segm") if isinstance(model, DETRsegm) else ("bbox",)
     coco_gt = dataset.coco
     result = evaluate(model, loader, coco_gt=coco_gt, device=device, iou_types=iou_types, amp_dtype=amp_dtype,
@@ -401,5 +468,6 @@ def _evaluate(model, loader, dataset, device, amp_dtype, options: TrainOptions, 
 
 
 def _summary(record: dict[str, Any]) -> str:
-    keys = ["train_loss", "train_loss_ce", "train_loss_bbox", "train_loss_giou", "bbox_AP", "bbox_AP50", "segm_AP"]
+    keys = ["train_loss", "train_loss_ce", "train_loss_bbox", "train_loss_giou", "train_loss_mask", "train_loss_dice",
+            "bbox_AP", "bbox_AP50", "segm_AP", "panoptic_PQ", "panoptic_PQ_th", "panoptic_PQ_st"]
     return " ".join(f"{k}={record[k]:.4f}" for k in keys if k in record)
