@@ -14,6 +14,7 @@ import detr
 from detr.checkpoint import reference_key_to_ours
 from detr.config import from_reference_args
 from detr.loss import HungarianMatcher, SetCriterion
+from detr.model.fuse import optimize_for_inference
 
 CONFIGS = ["detection", "detection_prenorm_learned_dc5", "panoptic"]
 
@@ -46,11 +47,14 @@ def test_loaded_architecture(reference, models, name):
     assert isinstance(model, detr.DETRsegm if entry["config"]["masks"] else detr.DETR)
 
 
+@pytest.mark.parametrize("optimized", [False, True], ids=["plain", "optimized"])
 @pytest.mark.parametrize("name", CONFIGS)
-def test_outputs_match_reference(reference, models, name):
+def test_outputs_match_reference(reference, models, name, optimized):
+    # optimized: frozen norms folded into the convolutions, channels-last (what predict/eval run)
+    model = optimize_for_inference(models[name]) if optimized else models[name]
     expected = reference[name]["outputs"]
-    with torch.no_grad():
-        out = models[name](reference["images"])
+    with torch.inference_mode():
+        out = model(reference["images"])
     close(out["pred_logits"], expected["pred_logits"], 1e-4)
     close(out["pred_boxes"], expected["pred_boxes"], 1e-4)
     assert len(out["aux_outputs"]) == len(expected["aux_outputs"])

@@ -645,6 +645,9 @@ def save_checkpoint(model: nn.Module, path: str | Path, *, metadata: dict[str, A
 
     ``metadata`` (JSON-serializable values, e.g. ``class_names``) is stored alongside.
     """
+    if getattr(model, "optimized_for_inference", False):
+        raise ValueError("this model went through optimize_for_inference (norms folded into convolutions); "
+                         "save the original model instead")
     kind, config = _model_kind_and_config(model)
     return save_state_dict(_contiguous(model.state_dict()), path, kind=kind, config=config, metadata=metadata)
 

@@ -190,10 +190,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .engine.distributed import init_distributed
     from .engine.evaluate import evaluate
     from .engine.train import TrainOptions, build_dataset, build_loader
+    from .model.fuse import optimize_for_inference
     from .model.segmentation import DETRsegm
 
     info = init_distributed(args.device)
-    model = load_checkpoint(args.checkpoint).to(args.device)
+    model = optimize_for_inference(load_checkpoint(args.checkpoint)).to(args.device)
     options = TrainOptions(coco_path=args.coco_path, val_images=args.val_images, val_json=args.val_json,
                            batch_size=args.batch_size, num_workers=args.num_workers, val_scale=args.val_scale,
                            max_size=args.max_size, train_scales=args.train_scales,
@@ -310,5 +311,13 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
+def run() -> int:
+    """The ``detr`` console script: :func:`main` in a process tuned for large tensors (see detr.runtime)."""
+    from .runtime import keep_freed_memory
+
+    keep_freed_memory()
+    return main()
+
+
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run())

@@ -125,13 +125,14 @@ def cmd_eval_panoptic(args: argparse.Namespace) -> int:
     from ..checkpoint import load_checkpoint
     from ..data.panoptic import CocoPanoptic
     from ..data.transforms import make_coco_transforms
+    from ..model.fuse import optimize_for_inference
     from ..model.segmentation import DETRsegm
     from .distributed import init_distributed
     from .panoptic_eval import evaluate_panoptic
     from .train import TrainOptions, build_loader
 
     info = init_distributed(args.device)
-    model = load_checkpoint(args.checkpoint).to(args.device)
+    model = optimize_for_inference(load_checkpoint(args.checkpoint)).to(args.device)
     if not isinstance(model, DETRsegm):
         raise ValueError(f"--panoptic needs a panoptic checkpoint (with a mask head); {args.checkpoint} is a detector")
     gt_json, gt_folder = _panoptic_ground_truth(args)

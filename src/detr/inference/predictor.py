@@ -27,6 +27,7 @@ from ..checkpoint import load_checkpoint, read_checkpoint
 from ..data.images import load_image
 from ..data.transforms import make_coco_transforms
 from ..model.detr import DETR
+from ..model.fuse import optimize_for_inference
 from ..model.minimal import DETRdemo
 from ..model.segmentation import DETRsegm
 from ..postprocess import postprocess_detections, postprocess_panoptic
@@ -109,6 +110,8 @@ class Detector:
         nms_iou: if given, class-wise NMS at this IoU (DETR needs none; the paper's ablation).
         panoptic_threshold: class-probability threshold of :meth:`panoptic` (the reference's 0.85).
         is_thing: category id -> thing? for :meth:`panoptic`; default: COCO's rule, id <= 90.
+        optimize: run a copy made by :func:`detr.model.fuse.optimize_for_inference` (frozen norms
+            folded into the convolutions, channels-last): same outputs to ~1e-5, faster on CPU.
     """
 
     def __init__(
@@ -124,13 +127,14 @@ class Detector:
         nms_iou: float | None = None,
         panoptic_threshold: float = 0.85,
         is_thing: Callable[[int], bool] | Mapping[int, bool] | None = None,
+        optimize: bool = True,
     ) -> None:
         if not isinstance(model, DETR | DETRsegm | DETRdemo):
             raise TypeError(f"expected a DETR, DETRsegm or DETRdemo model, got {type(model).__name__}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.device = torch.device(device)
-        self.model = model.to(self.device).eval()
+        self.model = (optimize_for_inference(model) if optimize else model).to(self.device).eval()
         self.threshold = threshold
         self.size, self.max_size = size, max_size
         self.batch_size = batch_size
