@@ -27,7 +27,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from detr import build_detr, preset
-from detr.model.fuse import optimize_for_inference
+from detr.model.fuse import compile_for_inference, optimize_for_inference
 from detr.runtime import keep_freed_memory
 
 SINGLE = (800, 1066)
@@ -77,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
     p.add_argument("--no_hf", action="store_true", help="skip the Hugging Face comparison")
     p.add_argument("--baseline", action="store_true", help="the plain model, malloc untouched (before speed work)")
+    p.add_argument("--compile", action="store_true",
+                   help="also time compile_for_inference (torch.compile; ~1-2 min of compilation per shape)")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     malloc_tuned = False if args.baseline else keep_freed_memory()
@@ -114,6 +116,19 @@ def main(argv: list[str] | None = None) -> int:
         "ratio_to_floor": round(t_single / (flops_single / peak), 3),
         "ratio_to_floor_batch4": round(t_mixed / (flops_mixed / len(mixed) / peak), 3),
     }
+    if args.compile and not args.baseline:
+        compiled = compile_for_inference(model)
+
+        def run_compiled() -> object:
+            with torch.inference_mode(), autocast:
+                return compiled(single)
+
+        start = time.perf_counter()
+        run_compiled()
+        compile_seconds = time.perf_counter() - start
+        t_compiled = median_seconds(run_compiled, args.runs)
+        result.update({"compiled_seconds_per_image": round(t_compiled, 4), "compile_seconds": round(compile_seconds, 1),
+                       "compiled_ratio_to_floor": round(t_compiled / (flops_single / peak), 3)})
     if not args.no_hf:
         hf = hf_model()
         pixels = single[0][None]

@@ -48,3 +48,21 @@ def test_optimized_model_is_not_saved(tmp_path):
     with pytest.raises(ValueError, match="optimize_for_inference"):
         save_checkpoint(fast, tmp_path / "x.safetensors")
     assert not any(p.requires_grad for p in fast.parameters()) and not fast.training
+
+
+def test_compiled_detector_matches_eager():
+    # torch.compile (Inductor, frozen weights) must not change what a Detector finds.
+    from PIL import Image
+
+    from detr.inference.predictor import Detector
+
+    torch.manual_seed(0)
+    model = build_detr(preset("shapes-small"))
+    image = Image.fromarray((torch.rand(60, 80, 3) * 255).byte().numpy())
+    eager = Detector(model, threshold=0.0, size=64, max_size=100)
+    compiled = Detector(model, threshold=0.0, size=64, max_size=100, compile=True)
+    a, b = eager(image), compiled(image)
+    assert len(a) == len(b) == model.num_queries and compiled._compiled
+    for x, y in zip(a, b, strict=True):
+        assert x.label == y.label and abs(x.score - y.score) < 1e-5
+        assert max(abs(u - v) for u, v in zip(x.box, y.box, strict=True)) < 1e-3  # pixels

@@ -190,7 +190,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .engine.distributed import init_distributed
     from .engine.evaluate import evaluate
     from .engine.train import TrainOptions, build_dataset, build_loader
-    from .model.fuse import optimize_for_inference
+    from .model.fuse import compile_for_inference, optimize_for_inference
     from .model.segmentation import DETRsegm
 
     info = init_distributed(args.device)
@@ -200,6 +200,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
                            max_size=args.max_size, train_scales=args.train_scales,
                            skip_bad_images=args.skip_bad_images)
     masks = isinstance(model, DETRsegm)
+    if args.compile:
+        model = compile_for_inference(model)
     dataset = build_dataset(options, "val", train_augment=False, masks=masks)
     loader = build_loader(dataset, options, info, train=False)
     amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp or "")
@@ -267,6 +269,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True)
     add_data_flags(p)
     p.add_argument("--amp", choices=("bf16", "fp16"), default=None)
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the model (Inductor): faster per image after ~1 min of compilation per shape")
     p.add_argument("--output_dir", default="outputs/eval")
     from .engine.panoptic_commands import add_panoptic_eval_flags, add_panoptic_parsers
 
