@@ -302,3 +302,21 @@ def test_predict_panoptic_writes_segments(panoptic_checkpoint, tmp_path):
     assert set(np.unique(ids).tolist()) == {s["id"] for s in info["segments_info"]}
     areas = {s["id"]: s["area"] for s in info["segments_info"]}
     assert all(int((ids == i).sum()) == area for i, area in areas.items())
+
+
+def test_bf16_precision_stays_close_to_fp32(reference, checkpoint):
+    """precision="bf16" (autocast) on the fixture's images: every query's normalized box within 1e-2 of
+    fp32, the same best detection, outputs back in float32."""
+    fp32 = Detector.from_checkpoint(checkpoint, **FIXTURE_SIZE)
+    bf16 = Detector.from_checkpoint(checkpoint, precision="bf16", **FIXTURE_SIZE)
+    for name in reference["image_files"]:
+        image = fp32.load(VAL / name)
+        with torch.inference_mode():
+            a, _ = fp32._forward(fp32.model, [image])
+            b, _ = bf16._forward(bf16.model, [image])
+        assert b["pred_boxes"].dtype == torch.float32
+        assert (a["pred_boxes"] - b["pred_boxes"]).abs().max() < 1e-2
+        prob_a, prob_b = a["pred_logits"].softmax(-1)[..., :-1], b["pred_logits"].softmax(-1)[..., :-1]
+        assert prob_a.flatten().argmax() == prob_b.flatten().argmax()
+    with pytest.raises(ValueError, match="precision"):
+        Detector.from_checkpoint(checkpoint, precision="int8")

@@ -204,7 +204,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         model = compile_for_inference(model)
     dataset = build_dataset(options, "val", train_augment=False, masks=masks)
     loader = build_loader(dataset, options, info, train=False)
-    amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp or "")
+    amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp or args.precision)
     result = evaluate(model, loader, coco_gt=dataset.coco, device=args.device,
                       iou_types=("bbox", "segm") if masks else ("bbox",), amp_dtype=amp, progress=args.progress)
     if info.is_main:
@@ -269,6 +269,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True)
     add_data_flags(p)
     p.add_argument("--amp", choices=("bf16", "fp16"), default=None)
+    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
+                   help="bf16/fp16: autocast the model (same as --amp; pays with bf16 hardware or a GPU)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the model (Inductor): faster per image after ~1 min of compilation per shape")
     p.add_argument("--output_dir", default="outputs/eval")

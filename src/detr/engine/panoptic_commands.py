@@ -157,7 +157,7 @@ def cmd_eval_panoptic(args: argparse.Namespace) -> int:
             coco_gt = COCO(str(instances))
     else:
         log.info("no instances json (--val_json or --coco_path/annotations/instances_val2017.json): PQ only")
-    amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp or "")
+    amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp or args.precision)
     out = Path(args.output_dir)
     result = evaluate_panoptic(model, loader, gt_json=gt_json, gt_folder=gt_folder, output_dir=out, coco_gt=coco_gt,
                                device=args.device, threshold=args.panoptic_threshold, amp_dtype=amp,

@@ -94,6 +94,9 @@ def _chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
         yield items[start : start + size]
 
 
+PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 class Detector:
     """A detector ready for images: preprocessing, batching, post-processing and class names.
 
@@ -112,6 +115,8 @@ class Detector:
         is_thing: category id -> thing? for :meth:`panoptic`; default: COCO's rule, id <= 90.
         optimize: run a copy made by :func:`detr.model.fuse.optimize_for_inference` (frozen norms
             folded into the convolutions, channels-last): same outputs to ~1e-5, faster on CPU.
+        precision: "fp32", or "bf16"/"fp16" to run the model under autocast (post-processing stays
+            float32). bf16 pays on CPUs with bf16 instructions and on GPUs; boxes move by ~1e-3.
         compile: also ``torch.compile`` the forward (:func:`detr.model.fuse.compile_for_inference`):
             faster per image, but each new image shape costs a compilation (about a minute on 2 CPU cores).
     """
@@ -131,11 +136,15 @@ class Detector:
         is_thing: Callable[[int], bool] | Mapping[int, bool] | None = None,
         optimize: bool = True,
         compile: bool = False,
+        precision: str = "fp32",
     ) -> None:
         if not isinstance(model, DETR | DETRsegm | DETRdemo):
             raise TypeError(f"expected a DETR, DETRsegm or DETRdemo model, got {type(model).__name__}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
+        self.precision = precision
         self.device = torch.device(device)
         self.model = (optimize_for_inference(model) if optimize else model).to(self.device).eval()
         self.threshold = threshold
@@ -215,7 +224,12 @@ class Detector:
             if id(module) not in self._compiled:
                 self._compiled[id(module)] = compile_for_inference(module)
             module = self._compiled[id(module)]
-        return module(tensors), tensors
+        dtype = PRECISIONS[self.precision]
+        with torch.autocast(self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            outputs = module(tensors)
+        if dtype is not None:
+            outputs = {k: v.float() if isinstance(v, Tensor) else v for k, v in outputs.items()}
+        return outputs, tensors
 
     # --- detection -----------------------------------------------------------------------------
 
