@@ -47,6 +47,11 @@ def subset_annotations(ann_file: Path, count: int, out_file: Path) -> tuple[int,
     return len(images), sum(1 for a in anns if not a.get("iscrowd", 0))
 
 
+def drop(epochs: int) -> int:
+    """The learning rate drops 10x after two thirds of the epochs (the reference's 200 of 300)."""
+    return max(1, round(epochs * 2 / 3))
+
+
 def overfit_config(num_queries: int, masks: bool = False) -> DetrConfig:
     """A from-scratch ResNet-18 (trained GroupNorm, every stage trains) under a DETR of width 256."""
     config = preset("shapes-small", num_queries=num_queries, num_classes=91, masks=masks)
@@ -85,13 +90,13 @@ def panoptic_main(args: argparse.Namespace) -> dict:
         box_record: dict = {}
         if detector is None:  # stage 1: boxes of every segment
             box_record = train(overfit_config(args.num_queries), TrainOptions(
-                output_dir=str(out / "detector"), epochs=args.epochs, lr_drop=args.epochs, lr=args.lr,
+                output_dir=str(out / "detector"), epochs=args.epochs, lr_drop=drop(args.epochs), lr=args.lr,
                 lr_backbone=args.lr, **common))
             detector = str(out / "detector" / "checkpoint.pth")
         box_seconds = time.perf_counter() - start
         # stage 2: the mask head alone, on top of the frozen detector
         record = train(overfit_config(args.num_queries, masks=True), TrainOptions(
-            output_dir=str(out / "masks"), epochs=args.mask_epochs, lr_drop=args.mask_epochs, lr=args.lr,
+            output_dir=str(out / "masks"), epochs=args.mask_epochs, lr_drop=drop(args.mask_epochs), lr=args.lr,
             lr_backbone=args.lr, frozen_weights=detector, **common))
     result = {
         "pq": record["panoptic_PQ"], "pq_things": record["panoptic_PQ_th"], "sq_things": record["panoptic_SQ_th"],
@@ -117,6 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output_dir", default=None, help="keep the run here (default: a temporary folder)")
     p.add_argument("--json", action="store_true", help="print only the JSON line")
+    p.add_argument("--resume", default=None,
+                   help="continue a previous run's checkpoint.pth (same flags) up to --epochs in total")
     p.add_argument("--masks", action="store_true", help="two-stage panoptic training, then PQ on the same images")
     p.add_argument("--mask_epochs", type=int, default=100, help="epochs of the mask head (with --masks)")
     p.add_argument("--detector", default=None, help="with --masks: a trained detector; skips the first stage")
@@ -131,7 +138,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def detection_main(args: argparse.Namespace) -> dict:
-
     images_dir, ann_file = coco_paths(args.coco_path, "train")
     # A from-scratch ResNet-18 (trained GroupNorm, every stage trains) under a DETR of width 256.
     config = overfit_config(args.num_queries)
@@ -141,7 +147,8 @@ def detection_main(args: argparse.Namespace) -> dict:
         n_images, n_objects = subset_annotations(Path(ann_file), args.images, subset)
         options = TrainOptions(
             train_images=str(images_dir), train_json=str(subset), val_images=str(images_dir), val_json=str(subset),
-            output_dir=args.output_dir or str(Path(tmp) / "run"), epochs=args.epochs, lr_drop=args.epochs,
+            output_dir=args.output_dir or str(Path(tmp) / "run"), epochs=args.epochs, lr_drop=drop(args.epochs),
+            resume=args.resume,
             batch_size=args.batch_size, lr=args.lr, lr_backbone=args.lr, seed=args.seed, num_workers=0,
             augment=False, train_scales=[args.size], val_scale=args.size, max_size=args.max_size, eval_every=0,
             progress=not args.json,
@@ -150,7 +157,7 @@ def detection_main(args: argparse.Namespace) -> dict:
     result = {
         "ap": record["bbox_AP"], "ap50": record["bbox_AP50"], "seconds": round(time.perf_counter() - start, 1),
         "epochs": args.epochs, "images": n_images, "objects": n_objects, "size": args.size,
-        "final_loss": record["train_loss"], "threads": torch.get_num_threads(),
+        "final_loss": record["train_loss"], "threads": torch.get_num_threads(), "resumed_from": args.resume,
     }
     return result
 

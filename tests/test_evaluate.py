@@ -459,9 +459,10 @@ def test_evaluate_end_to_end_bbox(coco_gt):
     metrics = evaluate(model, _loader(batches), coco_gt=coco_gt, progress=False)
     assert model.training  # restored
     assert model.calls == 2
-    assert set(metrics) == {"bbox", "num_images", "seconds"}
+    assert set(metrics) == {"bbox", "num_images", "seconds", "timing"}
     assert metrics["num_images"] == 4
-    assert metrics["seconds"] > 0
+    assert metrics["seconds"] > 0 and all(v >= 0 for v in metrics["timing"].values())
+    assert sum(metrics["timing"].values()) == pytest.approx(metrics["seconds"], rel=1e-3, abs=1e-3)
     for name in ("AP", "AP50", "AP75", "AR100"):
         assert metrics["bbox"][name] == pytest.approx(1.0, abs=1e-12), name
     # Collated DetectionBatches (one with every image dropped) and autocast work the same.

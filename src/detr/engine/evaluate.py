@@ -326,14 +326,17 @@ def evaluate(
         progress: show a tqdm bar (on the main process).
 
     Returns:
-        {"bbox": {AP, AP50, ..., ARl}, ("segm": {...},) "num_images": N, "seconds": wall time}.
+        {"bbox": {AP, AP50, ..., ARl}, ("segm": {...},) "num_images": N, "seconds": wall time,
+        "timing": {"data_and_model", "postprocess_and_convert", "cocoeval"} seconds}.
         Under torch.distributed every process returns the numbers for all processes' images.
     """
     device = torch.device(device)
     is_main = _distributed_world_size() == 1 or dist.get_rank() == 0
     evaluator = None
     start = time.perf_counter()
+    convert_seconds = 0.0  # post-processing + conversion to COCO results (the rest: data and model)
     for outputs, targets in model_outputs(model, data_loader, device=device, amp_dtype=amp_dtype, progress=progress):
+        convert_start = time.perf_counter()
         if evaluator is None:
             types = iou_types or (("bbox", "segm") if "pred_masks" in outputs else ("bbox",))
             evaluator = CocoEvaluator(coco_gt, types, label_to_category=label_to_category)
@@ -344,10 +347,15 @@ def evaluate(
                 raise ValueError("segm evaluation needs a model that outputs pred_masks")
             postprocess_masks(results, outputs["pred_masks"], target_sizes(targets, "size"), orig_sizes)
         evaluator.update({target_image_id(t): r for t, r in zip(targets, results, strict=True)})
+        convert_seconds += time.perf_counter() - convert_start
+    loop_seconds = time.perf_counter() - start
     if evaluator is None:  # an empty loader
         evaluator = CocoEvaluator(coco_gt, iou_types or ("bbox",), label_to_category=label_to_category)
     evaluator.synchronize()
     metrics: dict[str, Any] = dict(evaluator.summarize(verbose=is_main))
     metrics["num_images"] = len(evaluator.image_ids)
     metrics["seconds"] = time.perf_counter() - start
+    # Where the time went: loading + the model, post-processing + conversion, pycocotools' scoring.
+    metrics["timing"] = {"data_and_model": loop_seconds - convert_seconds, "postprocess_and_convert": convert_seconds,
+                         "cocoeval": metrics["seconds"] - loop_seconds}
     return metrics
