@@ -78,3 +78,17 @@ def test_panoptic_dataset_file_needs_its_files(tmp_path, capsys):
             "--output_dir", str(tmp_path / "out"), "--epochs", "1"]
     assert main(args) != 0
     assert "annotations/panoptic_train2017.json" in capsys.readouterr().err
+
+
+def test_one_stage_panoptic_training_trains_everything(panoptic_root, tmp_path, capsys):
+    root, _ = panoptic_root
+    data = ["--dataset_file", "coco_panoptic", "--coco_panoptic_path", str(root),
+            "--train_images", str(COCO_MINI / "val2017"), "--val_images", str(COCO_MINI / "val2017")]
+    out = tmp_path / "one"
+    assert main(["train", *SMALL, *data, "--masks", "--epochs", "1", "--output_dir", str(out)]) == 0
+    record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert 0.0 <= record["panoptic_PQ"] <= 1.0 and "segm_AP" not in record  # no instances json given
+    weights = read_checkpoint(out / "checkpoint.pth").state_dict
+    assert any(k.startswith("detr.transformer.") for k in weights) and any(k.startswith("mask_head.") for k in weights)
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert any("loss_mask" in r and "loss_ce" in r for r in log if r["type"] == "step")
