@@ -64,6 +64,10 @@ def count_flops(model: torch.nn.Module, images: list[torch.Tensor]) -> int:
     return counter.get_total_flops()
 
 
+def max_abs_diff(a: dict, b: dict) -> dict[str, float]:
+    return {k: float(f"{(a[k] - b[k]).abs().max().item():.2g}") for k in ("pred_logits", "pred_boxes")}
+
+
 def hf_model() -> torch.nn.Module:
     from transformers import DetrConfig, DetrForObjectDetection
 
@@ -116,6 +120,10 @@ def main(argv: list[str] | None = None) -> int:
         "ratio_to_floor": round(t_single / (flops_single / peak), 3),
         "ratio_to_floor_batch4": round(t_mixed / (flops_mixed / len(mixed) / peak), 3),
     }
+    if not args.baseline:
+        with torch.inference_mode():
+            plain = flops_model(single)  # the unoptimized model: what the optimized ones must reproduce
+        result["optimized_max_abs_diff"] = max_abs_diff(ours(single)(), plain)
     if args.compile and not args.baseline:
         compiled = compile_for_inference(model)
 
@@ -124,11 +132,13 @@ def main(argv: list[str] | None = None) -> int:
                 return compiled(single)
 
         start = time.perf_counter()
-        run_compiled()
+        out = run_compiled()
         compile_seconds = time.perf_counter() - start
+        diff = max_abs_diff(out, plain)
         t_compiled = median_seconds(run_compiled, args.runs)
         result.update({"compiled_seconds_per_image": round(t_compiled, 4), "compile_seconds": round(compile_seconds, 1),
-                       "compiled_ratio_to_floor": round(t_compiled / (flops_single / peak), 3)})
+                       "compiled_ratio_to_floor": round(t_compiled / (flops_single / peak), 3),
+                       "compiled_max_abs_diff": diff})
     if not args.no_hf:
         hf = hf_model()
         pixels = single[0][None]
