@@ -117,6 +117,15 @@ def load_annotated_image(path: Path, width: int | None, height: int | None) -> I
     )
 
 
+def load_coco(path: str | os.PathLike[str]) -> COCO:
+    """A COCO-format json as a pycocotools ``COCO``, without its progress prints."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"annotation file not found: {path}")
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
+        return COCO(str(path))
+
+
 class CocoDetection(Dataset):
     """Any COCO-format annotation json plus its image folder.
 
@@ -145,10 +154,7 @@ class CocoDetection(Dataset):
         self.annotation_file = Path(annotation_file)
         if not self.image_dir.is_dir():
             raise FileNotFoundError(f"image folder not found: {self.image_dir}")
-        if not self.annotation_file.is_file():
-            raise FileNotFoundError(f"annotation file not found: {self.annotation_file}")
-        with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
-            self.coco = COCO(str(self.annotation_file))
+        self.coco = load_coco(self.annotation_file)
         self.ids = sorted(self.coco.imgs.keys())
         self.transforms = transforms
         self.return_masks = return_masks

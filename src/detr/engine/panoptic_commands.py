@@ -116,13 +116,10 @@ def cmd_eval_panoptic(args: argparse.Namespace) -> int:
 
     Images: --val_images, or --coco_path/val2017. Writes the predictions and metrics.json to --output_dir.
     """
-    import contextlib
-    import io
-
     import torch
-    from pycocotools.coco import COCO
 
     from ..checkpoint import load_checkpoint
+    from ..data.coco import load_coco
     from ..data.panoptic import CocoPanoptic
     from ..data.transforms import make_coco_transforms
     from ..model.fuse import optimize_for_inference
@@ -151,10 +148,7 @@ def cmd_eval_panoptic(args: argparse.Namespace) -> int:
     coco_gt = None
     instances = _instances_json(args)
     if instances is not None:
-        if not instances.is_file():
-            raise FileNotFoundError(f"annotation file not found: {instances}")
-        with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
-            coco_gt = COCO(str(instances))
+        coco_gt = load_coco(instances)
     else:
         log.info("no instances json (--val_json or --coco_path/annotations/instances_val2017.json): PQ only")
     amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp or args.precision)

@@ -331,6 +331,8 @@ def train(model_config: DetrConfig, options: TrainOptions) -> dict[str, Any]:
     train_set = build_dataset(options, "train", train_augment=True, masks=model_config.masks)
     class_names = options.class_names or train_set.category_names
     val_set = build_dataset(options, "val", train_augment=False, masks=model_config.masks)
+    # A panoptic model is also scored (bbox/segm AP) against the instances json, read once.
+    instances = _panoptic_instances(options) if isinstance(val_set, CocoPanoptic) and model_config.masks else None
     train_loader = build_loader(train_set, options, info, train=True)
     val_loader = build_loader(val_set, options, info, train=False)
 
@@ -391,7 +393,8 @@ def train(model_config: DetrConfig, options: TrainOptions) -> dict[str, Any]:
             record = {"type": "epoch", "epoch": epoch, **{f"train_{k}": v for k, v in stats.items()}}
             last = epoch == options.epochs - 1
             if last or (options.eval_every and (epoch + 1) % options.eval_every == 0):
-                record.update(_evaluate(model, val_loader, val_set, device, amp_dtype, options, info, out_dir))
+                record.update(_evaluate(model, val_loader, val_set, device, amp_dtype, options, info, out_dir,
+                                        instances))
             log_file.write(record)
             if info.is_main:
                 log.info("epoch %d: %s", epoch, _summary(record))
@@ -417,27 +420,14 @@ def _pretrained_state(path: str, model: nn.Module) -> dict[str, torch.Tensor]:
 
 def _panoptic_instances(options: TrainOptions) -> Any:
     """The val instances json as a pycocotools COCO (for bbox/segm AP of a panoptic model), or None."""
-    if options.val_json:
-        path = Path(options.val_json)
-    elif options.coco_path:
-        from ..data.coco import coco_paths
+    from ..data.coco import coco_paths, load_coco
 
-        path = Path(coco_paths(options.coco_path, "val")[1])
-    else:
-        return None
-    if not path.is_file():
-        return None
-    import contextlib
-    import io
-
-    from pycocotools.coco import COCO
-
-    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
-        return COCO(str(path))
+    path = options.val_json or (coco_paths(options.coco_path, "val")[1] if options.coco_path else None)
+    return load_coco(path) if path is not None and Path(path).is_file() else None
 
 
-def _evaluate(model, loader, dataset, device, amp_dtype, options: TrainOptions, info,
-              out_dir: Path | None = None) -> dict[str, Any]:
+def _evaluate(model, loader, dataset, device, amp_dtype, options: TrainOptions, info, out_dir: Path,
+              instances: Any = None) -> dict[str, Any]:
     from .evaluate import evaluate
 
     if isinstance(dataset, CocoPanoptic) and isinstance(model, DETRsegm):
@@ -447,7 +437,7 @@ def _evaluate(model, loader, dataset, device, amp_dtype, options: TrainOptions, 
 
         result = evaluate_panoptic(
             model, loader, gt_json=dataset.annotation_file, gt_folder=dataset.seg_folder,
-            output_dir=(out_dir or Path(options.output_dir)) / "eval_panoptic", coco_gt=_panoptic_instances(options),
+            output_dir=out_dir / "eval_panoptic", coco_gt=instances,
             device=device, amp_dtype=amp_dtype, progress=options.progress and info.is_main,
         )
         out = {}
