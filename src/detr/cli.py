@@ -184,12 +184,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
         from .engine.panoptic_commands import cmd_eval_panoptic
 
         return cmd_eval_panoptic(args)
-    import torch
 
     from .checkpoint import load_checkpoint
     from .engine.distributed import init_distributed
     from .engine.evaluate import evaluate
-    from .engine.train import TrainOptions, build_dataset, build_loader
+    from .engine.train import TrainOptions, amp_dtype, build_dataset, build_loader
     from .model.fuse import compile_for_inference, optimize_for_inference
     from .model.segmentation import DETRsegm
 
@@ -204,7 +203,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         model = compile_for_inference(model)
     dataset = build_dataset(options, "val", train_augment=False, masks=masks)
     loader = build_loader(dataset, options, info, train=False)
-    amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp or args.precision)
+    amp = amp_dtype(args.amp or getattr(args, "precision", None), args.device)
     result = evaluate(model, loader, coco_gt=dataset.coco, device=args.device,
                       iou_types=("bbox", "segm") if masks else ("bbox",), amp_dtype=amp, progress=args.progress)
     if info.is_main:

@@ -116,7 +116,6 @@ def cmd_eval_panoptic(args: argparse.Namespace) -> int:
 
     Images: --val_images, or --coco_path/val2017. Writes the predictions and metrics.json to --output_dir.
     """
-    import torch
 
     from ..checkpoint import load_checkpoint
     from ..data.coco import load_coco
@@ -126,7 +125,7 @@ def cmd_eval_panoptic(args: argparse.Namespace) -> int:
     from ..model.segmentation import DETRsegm
     from .distributed import init_distributed
     from .panoptic_eval import evaluate_panoptic
-    from .train import TrainOptions, build_loader
+    from .train import TrainOptions, amp_dtype, build_loader
 
     info = init_distributed(args.device)
     model = optimize_for_inference(load_checkpoint(args.checkpoint)).to(args.device)
@@ -151,7 +150,7 @@ def cmd_eval_panoptic(args: argparse.Namespace) -> int:
         coco_gt = load_coco(instances)
     else:
         log.info("no instances json (--val_json or --coco_path/annotations/instances_val2017.json): PQ only")
-    amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp or args.precision)
+    amp = amp_dtype(args.amp or getattr(args, "precision", None), args.device)
     out = Path(args.output_dir)
     result = evaluate_panoptic(model, loader, gt_json=gt_json, gt_folder=gt_folder, output_dir=out, coco_gt=coco_gt,
                                device=args.device, threshold=args.panoptic_threshold, amp_dtype=amp,

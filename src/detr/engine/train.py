@@ -200,14 +200,16 @@ def save_training_checkpoint(path: Path, model: nn.Module, optimizer, scheduler,
 
 # --- the loop --------------------------------------------------------------------------------
 
-def _amp_dtype(amp: str | None, device: torch.device) -> torch.dtype | None:
-    if amp is None:
+def amp_dtype(amp: str | None, device: torch.device | str) -> torch.dtype | None:
+    """The autocast dtype of ``--amp`` / ``--precision``: None for None or "fp32", else bf16 or fp16
+    (fp16 only on CUDA)."""
+    if amp is None or amp == "fp32":
         return None
     dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16}
     if amp not in dtypes:
-        raise ValueError(f"--amp must be bf16 or fp16, got {amp!r}")
-    if device.type == "cpu" and amp == "fp16":
-        raise ValueError("fp16 autocast is for CUDA; use --amp bf16 on the CPU")
+        raise ValueError(f"precision must be fp32, bf16 or fp16, got {amp!r}")
+    if torch.device(device).type == "cpu" and amp == "fp16":
+        raise ValueError("fp16 autocast is for CUDA; use bf16 on the CPU")
     return dtypes[amp]
 
 
@@ -326,7 +328,7 @@ def train(model_config: DetrConfig, options: TrainOptions) -> dict[str, Any]:
     out_dir = Path(options.output_dir)
     if info.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
-    amp_dtype = _amp_dtype(options.amp, device)
+    autocast = amp_dtype(options.amp, device)
 
     train_set = build_dataset(options, "train", train_augment=True, masks=model_config.masks)
     class_names = options.class_names or train_set.category_names
@@ -356,7 +358,7 @@ def train(model_config: DetrConfig, options: TrainOptions) -> dict[str, Any]:
                                 weight_decay=options.weight_decay)
     scheduler = build_scheduler(optimizer, options.lr_drop)
     criterion = build_criterion(model_config).to(device)
-    scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
+    scaler = torch.amp.GradScaler("cuda") if autocast == torch.float16 else None
 
     start_epoch = 0
     if options.resume:
@@ -384,7 +386,7 @@ def train(model_config: DetrConfig, options: TrainOptions) -> dict[str, Any]:
             train_set.set_epoch(epoch)
             stats = train_one_epoch(
                 train_model, criterion, train_loader, optimizer, device=device, epoch=epoch,
-                clip_max_norm=options.clip_max_norm, amp_dtype=amp_dtype, scaler=scaler, log_file=log_file,
+                clip_max_norm=options.clip_max_norm, amp_dtype=autocast, scaler=scaler, log_file=log_file,
                 progress=options.progress and info.is_main, step_offset=epoch * len(train_loader),
             )
             scheduler.step()
@@ -393,7 +395,7 @@ def train(model_config: DetrConfig, options: TrainOptions) -> dict[str, Any]:
             record = {"type": "epoch", "epoch": epoch, **{f"train_{k}": v for k, v in stats.items()}}
             last = epoch == options.epochs - 1
             if last or (options.eval_every and (epoch + 1) % options.eval_every == 0):
-                record.update(_evaluate(model, val_loader, val_set, device, amp_dtype, options, info, out_dir,
+                record.update(_evaluate(model, val_loader, val_set, device, autocast, options, info, out_dir,
                                         instances))
             log_file.write(record)
             if info.is_main:

@@ -26,6 +26,7 @@ from ..boxes import box_iou
 from ..checkpoint import load_checkpoint, read_checkpoint
 from ..data.images import load_image
 from ..data.transforms import make_coco_transforms
+from ..engine.train import amp_dtype
 from ..model.detr import DETR
 from ..model.fuse import compile_for_inference, optimize_for_inference
 from ..model.minimal import DETRdemo
@@ -94,9 +95,6 @@ def _chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
         yield items[start : start + size]
 
 
-PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
 class Detector:
     """A detector ready for images: preprocessing, batching, post-processing and class names.
 
@@ -142,10 +140,9 @@ class Detector:
             raise TypeError(f"expected a DETR, DETRsegm or DETRdemo model, got {type(model).__name__}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
-        self.precision = precision
         self.device = torch.device(device)
+        self.precision = precision
+        self._autocast_dtype = amp_dtype(precision, self.device)  # None for fp32; checks the value
         self.model = (optimize_for_inference(model) if optimize else model).to(self.device).eval()
         self.threshold = threshold
         self.size, self.max_size = size, max_size
@@ -224,7 +221,7 @@ class Detector:
             if id(module) not in self._compiled:
                 self._compiled[id(module)] = compile_for_inference(module)
             module = self._compiled[id(module)]
-        dtype = PRECISIONS[self.precision]
+        dtype = self._autocast_dtype
         with torch.autocast(self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             outputs = module(tensors)
         if dtype is not None:
