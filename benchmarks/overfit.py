@@ -66,12 +66,10 @@ def panoptic_subset(coco_path: str, count: int, root: Path) -> tuple[Path, int, 
     (root / "annotations").mkdir(parents=True, exist_ok=True)
     subset = root / "annotations" / "instances_subset.json"
     n_images, _ = subset_annotations(Path(ann_file), count, subset)
-    segments = 0
-    for split in ("train", "val"):
+    for split in ("train", "val"):  # the same images on both sides: train on them, evaluate on them
         summary = panoptic_from_instances(subset, root / "annotations" / f"panoptic_{split}2017.json",
                                           root / "annotations" / f"panoptic_{split}2017", image_dir=images_dir)
-        segments = summary["segments"]
-    return subset, n_images, segments
+    return subset, n_images, summary["segments"]
 
 
 def panoptic_main(args: argparse.Namespace) -> dict:
@@ -123,11 +121,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output_dir", default=None, help="keep the run here (default: a temporary folder)")
     p.add_argument("--json", action="store_true", help="print only the JSON line")
     p.add_argument("--resume", default=None,
-                   help="continue a previous run's checkpoint.pth (same flags) up to --epochs in total")
+                   help="detection: continue a previous run's checkpoint.pth (same flags) up to --epochs in total")
     p.add_argument("--masks", action="store_true", help="two-stage panoptic training, then PQ on the same images")
     p.add_argument("--mask_epochs", type=int, default=100, help="epochs of the mask head (with --masks)")
     p.add_argument("--detector", default=None, help="with --masks: a trained detector; skips the first stage")
     args = p.parse_args(argv)
+    if args.masks and args.resume:
+        p.error("--resume continues a detection run; with --masks give the trained detector as --detector")
     logging.basicConfig(level=logging.WARNING if args.json else logging.INFO, format="%(message)s")
     run = panoptic_main if args.masks else detection_main
     # With --json the evaluation tables go to stderr: stdout carries only the JSON line.

@@ -40,3 +40,16 @@ def test_train_step_targets_are_valid_boxes():
         boxes = t["boxes"]
         assert boxes.shape == (7, 4) and (boxes[:, :2] - boxes[:, 2:] / 2 >= 0).all()
         assert (boxes[:, :2] + boxes[:, 2:] / 2 <= 1).all() and ((t["labels"] >= 1) & (t["labels"] <= 90)).all()
+
+
+def test_overfit_panoptic_subset_is_both_splits(tmp_path):
+    overfit = _load("overfit")
+    subset, images, segments = overfit.panoptic_subset(str(COCO_MINI), 2, tmp_path)
+    assert images == 2 and json.loads(subset.read_text())["images"][1]["id"] > 0
+    train = json.loads((tmp_path / "annotations" / "panoptic_train2017.json").read_text())
+    val = json.loads((tmp_path / "annotations" / "panoptic_val2017.json").read_text())
+    assert train == val and len(train["annotations"]) == 2
+    assert segments == sum(len(a["segments_info"]) for a in train["annotations"]) > 0
+    assert len(list((tmp_path / "annotations" / "panoptic_val2017").glob("*.png"))) == 2
+    with pytest.raises(SystemExit):
+        overfit.main(["--coco_path", str(COCO_MINI), "--masks", "--resume", "x.pth"])
