@@ -8,16 +8,19 @@ import sys
 import pytest
 
 SCRIPT = """
-import json, resource, sys, torch
+import json, resource, torch
 from detr.runtime import keep_freed_memory
 applied = keep_freed_memory()
 def faults():
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 x = torch.ones(16 << 20); del x  # 64 MiB, above glibc's largest mmap threshold (32 MiB)
-before = faults()
-for _ in range(5):
-    x = torch.ones(16 << 20); del x
-print(json.dumps({"applied": applied, "faults": faults() - before}))
+per_block = []  # page faults of each new 64 MiB block
+for _ in range(7):
+    before = faults()
+    x = torch.ones(16 << 20)
+    per_block.append(faults() - before)
+    del x
+print(json.dumps({"applied": applied, "faults": min(per_block)}))
 """
 
 
@@ -34,6 +37,9 @@ def _run(env_flag: str | None) -> dict:
 def test_large_blocks_are_reused():
     tuned, untouched = _run(None), _run("0")
     assert tuned["applied"] and not untouched["applied"]
-    pages = 5 * (64 << 20) // 4096  # every page of 5 fresh 64 MiB blocks
-    assert untouched["faults"] > 0.5 * pages  # mapped afresh each time
-    assert tuned["faults"] <= 0.25 * pages  # freed blocks come back already mapped (at most one fresh one)
+    pages = (64 << 20) // 4096  # every page of one 64 MiB block
+    # "faults": the fewest page faults of 7 fresh blocks. Untouched, every block is mapped afresh; tuned,
+    # freed blocks come back already mapped (not every time: glibc's aligned allocations can leave a freed
+    # block a few bytes short of the next request, which then grows the heap instead).
+    assert untouched["faults"] > 0.9 * pages
+    assert tuned["faults"] < 0.05 * pages
