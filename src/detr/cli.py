@@ -188,9 +188,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .checkpoint import load_checkpoint
     from .engine.distributed import init_distributed
     from .engine.evaluate import evaluate
-    from .engine.train import TrainOptions, amp_dtype, build_dataset, build_loader
+    from .engine.train import TrainOptions, build_dataset, build_loader
     from .model.fuse import compile_for_inference, optimize_for_inference
     from .model.segmentation import DETRsegm
+    from .runtime import amp_dtype
 
     info = init_distributed(args.device)
     model = optimize_for_inference(load_checkpoint(args.checkpoint)).to(args.device)

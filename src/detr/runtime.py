@@ -1,4 +1,5 @@
-"""Process-level settings for the command-line tools (never applied on import).
+"""Runtime settings: the autocast dtype of a precision flag, and process-level tuning for the
+command-line tools (never applied on import).
 
 ``keep_freed_memory()``: glibc's malloc hands every block larger than 32 MiB straight back to the
 operating system when it is freed, so the next such block is mapped afresh and every page faults on
@@ -16,6 +17,8 @@ import ctypes.util
 import logging
 import os
 import sys
+
+import torch
 
 log = logging.getLogger(__name__)
 
@@ -42,3 +45,16 @@ def keep_freed_memory(trim_threshold: int = 1 << 30) -> bool:
     if not applied:
         log.debug("mallopt refused the large-block settings")
     return applied
+
+
+def amp_dtype(amp: str | None, device: torch.device | str) -> torch.dtype | None:
+    """The autocast dtype of ``--amp`` / ``--precision``: None for None or "fp32", else bf16 or fp16
+    (fp16 only on CUDA)."""
+    if amp is None or amp == "fp32":
+        return None
+    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16}
+    if amp not in dtypes:
+        raise ValueError(f"precision must be fp32, bf16 or fp16, got {amp!r}")
+    if torch.device(device).type == "cpu" and amp == "fp16":
+        raise ValueError("fp16 autocast is for CUDA; use bf16 on the CPU")
+    return dtypes[amp]

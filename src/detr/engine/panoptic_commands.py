@@ -123,9 +123,10 @@ def cmd_eval_panoptic(args: argparse.Namespace) -> int:
     from ..data.transforms import make_coco_transforms
     from ..model.fuse import optimize_for_inference
     from ..model.segmentation import DETRsegm
+    from ..runtime import amp_dtype
     from .distributed import init_distributed
     from .panoptic_eval import evaluate_panoptic
-    from .train import TrainOptions, amp_dtype, build_loader
+    from .train import TrainOptions, build_loader
 
     info = init_distributed(args.device)
     model = optimize_for_inference(load_checkpoint(args.checkpoint)).to(args.device)

@@ -33,6 +33,7 @@ from ..data.transforms import make_coco_transforms
 from ..loss import HungarianMatcher, SetCriterion
 from ..model.detr import build_detr
 from ..model.segmentation import DETRsegm
+from ..runtime import amp_dtype
 from . import distributed as dist_utils
 from .optim import build_optimizer, build_scheduler
 
@@ -199,19 +200,6 @@ def save_training_checkpoint(path: Path, model: nn.Module, optimizer, scheduler,
 
 
 # --- the loop --------------------------------------------------------------------------------
-
-def amp_dtype(amp: str | None, device: torch.device | str) -> torch.dtype | None:
-    """The autocast dtype of ``--amp`` / ``--precision``: None for None or "fp32", else bf16 or fp16
-    (fp16 only on CUDA)."""
-    if amp is None or amp == "fp32":
-        return None
-    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16}
-    if amp not in dtypes:
-        raise ValueError(f"precision must be fp32, bf16 or fp16, got {amp!r}")
-    if torch.device(device).type == "cpu" and amp == "fp16":
-        raise ValueError("fp16 autocast is for CUDA; use bf16 on the CPU")
-    return dtypes[amp]
-
 
 class JsonLog:
     """Append-only JSON-lines log (rank 0 only); one object per step and per epoch."""

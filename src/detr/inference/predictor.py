@@ -26,12 +26,12 @@ from ..boxes import box_iou
 from ..checkpoint import load_checkpoint, read_checkpoint
 from ..data.images import load_image
 from ..data.transforms import make_coco_transforms
-from ..engine.train import amp_dtype
 from ..model.detr import DETR
 from ..model.fuse import compile_for_inference, optimize_for_inference
 from ..model.minimal import DETRdemo
 from ..model.segmentation import DETRsegm
 from ..postprocess import postprocess_detections, postprocess_panoptic
+from ..runtime import amp_dtype
 from .names import COCO_LAST_THING_ID, ClassNames, resolve_class_names
 
 if TYPE_CHECKING:

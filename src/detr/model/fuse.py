@@ -8,7 +8,7 @@
   around every convolution.
 
 ``compile_for_inference(model)`` adds ``torch.compile`` (Inductor, weights frozen into the graph):
-another ~8% on a 2-core CPU for R50 at 800x1066, at the price of a compilation per new input shape
+another 5-13% on a 2-core CPU for R50 at 800x1066 (measured), at the price of a compilation per new input shape
 (about a minute on 2 cores, twice more until shapes become dynamic) and a C++ compiler on the machine;
 worth it for long evaluations, not for a few images.
 
