@@ -82,7 +82,7 @@ def panoptic_main(args: argparse.Namespace) -> dict:
             dataset_file="coco_panoptic", coco_panoptic_path=str(out / "panoptic"), train_images=str(images_dir),
             val_images=str(images_dir), val_json=str(subset), batch_size=args.batch_size, seed=args.seed,
             num_workers=0, augment=False, train_scales=[args.size], val_scale=args.size, max_size=args.max_size,
-            eval_every=0, progress=not args.json,
+            eval_every=0, progress=not args.json, device=args.device,
         )
         detector = args.detector
         box_record: dict = {}
@@ -94,15 +94,17 @@ def panoptic_main(args: argparse.Namespace) -> dict:
         box_seconds = time.perf_counter() - start
         # stage 2: the mask head alone, on top of the frozen detector
         record = train(overfit_config(args.num_queries, masks=True), TrainOptions(
-            output_dir=str(out / "masks"), epochs=args.mask_epochs, lr_drop=drop(args.mask_epochs), lr=args.lr,
-            lr_backbone=args.lr, frozen_weights=detector, **common))
+            output_dir=str(out / "masks"), epochs=args.mask_epochs, lr_drop=drop(args.mask_epochs),
+            lr=args.mask_lr or args.lr, lr_backbone=args.mask_lr or args.lr, frozen_weights=detector,
+            pretrained=args.pretrained, **common))
     result = {
         "pq": record["panoptic_PQ"], "pq_things": record["panoptic_PQ_th"], "sq_things": record["panoptic_SQ_th"],
         "rq_things": record["panoptic_RQ_th"], "segm_ap": record.get("segm_AP"), "ap": box_record.get("bbox_AP"),
         "ap50": box_record.get("bbox_AP50"), "seconds": round(time.perf_counter() - start, 1),
         "mask_seconds": round(time.perf_counter() - start - box_seconds, 1), "epochs": args.epochs,
         "mask_epochs": args.mask_epochs, "images": n_images, "segments": n_segments, "size": args.size,
-        "detector": args.detector, "threads": torch.get_num_threads(),
+        "detector": args.detector, "threads": torch.get_num_threads(), "device": args.device,
+        "mask_lr": args.mask_lr or args.lr, "pretrained": args.pretrained,
     }
     return result
 
@@ -125,7 +127,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--masks", action="store_true", help="two-stage panoptic training, then PQ on the same images")
     p.add_argument("--mask_epochs", type=int, default=100, help="epochs of the mask head (with --masks)")
     p.add_argument("--detector", default=None, help="with --masks: a trained detector; skips the first stage")
+    p.add_argument("--mask_lr", type=float, default=None, help="with --masks: the mask head's lr (default --lr)")
+    p.add_argument("--pretrained", default=None,
+                   help="with --masks: start the mask head from a previous mask run's model.safetensors")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
     args = p.parse_args(argv)
+    if args.pretrained and not args.masks:
+        p.error("--pretrained starts the mask head: it needs --masks")
     if args.masks and args.resume:
         p.error("--resume continues a detection run; with --masks give the trained detector as --detector")
     logging.basicConfig(level=logging.WARNING if args.json else logging.INFO, format="%(message)s")
@@ -151,13 +159,14 @@ def detection_main(args: argparse.Namespace) -> dict:
             resume=args.resume,
             batch_size=args.batch_size, lr=args.lr, lr_backbone=args.lr, seed=args.seed, num_workers=0,
             augment=False, train_scales=[args.size], val_scale=args.size, max_size=args.max_size, eval_every=0,
-            progress=not args.json,
+            progress=not args.json, device=args.device,
         )
         record = train(config, options)
     result = {
         "ap": record["bbox_AP"], "ap50": record["bbox_AP50"], "seconds": round(time.perf_counter() - start, 1),
         "epochs": args.epochs, "images": n_images, "objects": n_objects, "size": args.size,
         "final_loss": record["train_loss"], "threads": torch.get_num_threads(), "resumed_from": args.resume,
+        "device": args.device,
     }
     return result
 

@@ -53,3 +53,23 @@ def test_overfit_panoptic_subset_is_both_splits(tmp_path):
     assert len(list((tmp_path / "annotations" / "panoptic_val2017").glob("*.png"))) == 2
     with pytest.raises(SystemExit):
         overfit.main(["--coco_path", str(COCO_MINI), "--masks", "--resume", "x.pth"])
+
+
+def test_overfit_pretrained_needs_masks():
+    with pytest.raises(SystemExit):
+        _load("overfit").main(["--coco_path", str(COCO_MINI), "--pretrained", "x.safetensors"])
+
+
+def test_inference_bf16_line_compares_with_fp32(monkeypatch, capsys):
+    """The whole benchmark at tiny image sizes: the bf16 line carries its fp32 comparison."""
+    inference = _load("inference")
+    monkeypatch.setattr(inference, "SINGLE", (64, 96))
+    monkeypatch.setattr(inference, "MIXED", ((64, 96), (96, 64)))
+    monkeypatch.setattr(inference, "keep_freed_memory", lambda: False)  # a process-wide setting: not in tests
+    monkeypatch.setattr(inference, "matmul_throughput", lambda dtype, n=0, seconds=0, device=None: 1e11)
+    assert inference.main(["--precision", "bf16", "--runs", "1", "--no_hf", "--json"]) == 0
+    line = json.loads(capsys.readouterr().out)
+    assert line["device"] == "cpu" and line["precision"] == "bf16" and line["fp32_seconds_per_image"] > 0
+    ratio = line["fp32_seconds_per_image"] / line["seconds_per_image"]
+    assert line["speedup_vs_fp32"] == pytest.approx(ratio, rel=0.05)
+    assert 0 < line["bf16_max_abs_diff"]["pred_boxes"] < 0.1 and line["optimized_max_abs_diff"]["pred_boxes"] < 1e-4
