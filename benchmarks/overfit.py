@@ -13,7 +13,7 @@ does the paper's two-stage panoptic recipe on the same images: they are converte
 boxes (``--epochs``), then the mask head trains on top of the frozen detector (``--mask_epochs``), and
 PQ is computed on the same images; the line adds {"pq", "pq_things", "sq_things", "rq_things", "segm_ap",
 "mask_seconds"}. ``--detector CKPT`` skips the first stage (e.g. a previous run's ``--output_dir``
-``/detector/checkpoint.pth``).
+``/detector/checkpoint.pth``), and with it ``--resume OUT/masks/checkpoint.pth`` continues a mask stage.
 """
 
 from __future__ import annotations
@@ -96,7 +96,7 @@ def panoptic_main(args: argparse.Namespace) -> dict:
         record = train(overfit_config(args.num_queries, masks=True), TrainOptions(
             output_dir=str(out / "masks"), epochs=args.mask_epochs, lr_drop=drop(args.mask_epochs),
             lr=args.mask_lr or args.lr, lr_backbone=args.mask_lr or args.lr, frozen_weights=detector,
-            pretrained=args.pretrained, **common))
+            pretrained=args.pretrained, resume=args.resume, **common))
     result = {
         "pq": record["panoptic_PQ"], "pq_things": record["panoptic_PQ_th"], "sq_things": record["panoptic_SQ_th"],
         "rq_things": record["panoptic_RQ_th"], "segm_ap": record.get("segm_AP"), "ap": box_record.get("bbox_AP"),
@@ -104,7 +104,7 @@ def panoptic_main(args: argparse.Namespace) -> dict:
         "mask_seconds": round(time.perf_counter() - start - box_seconds, 1), "epochs": args.epochs,
         "mask_epochs": args.mask_epochs, "images": n_images, "segments": n_segments, "size": args.size,
         "detector": args.detector, "threads": torch.get_num_threads(), "device": args.device,
-        "mask_lr": args.mask_lr or args.lr, "pretrained": args.pretrained,
+        "mask_lr": args.mask_lr or args.lr, "pretrained": args.pretrained, "resumed_from": args.resume,
     }
     return result
 
@@ -123,7 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output_dir", default=None, help="keep the run here (default: a temporary folder)")
     p.add_argument("--json", action="store_true", help="print only the JSON line")
     p.add_argument("--resume", default=None,
-                   help="detection: continue a previous run's checkpoint.pth (same flags) up to --epochs in total")
+                   help="continue a previous run's checkpoint.pth (same flags) up to --epochs in total; with "
+                        "--masks and --detector, the mask stage's (up to --mask_epochs)")
     p.add_argument("--masks", action="store_true", help="two-stage panoptic training, then PQ on the same images")
     p.add_argument("--mask_epochs", type=int, default=100, help="epochs of the mask head (with --masks)")
     p.add_argument("--detector", default=None, help="with --masks: a trained detector; skips the first stage")
@@ -134,8 +135,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.pretrained and not args.masks:
         p.error("--pretrained starts the mask head: it needs --masks")
-    if args.masks and args.resume:
-        p.error("--resume continues a detection run; with --masks give the trained detector as --detector")
+    if args.masks and args.resume and not args.detector:
+        p.error("with --masks, --resume continues the mask stage: give its trained detector as --detector")
     logging.basicConfig(level=logging.WARNING if args.json else logging.INFO, format="%(message)s")
     run = panoptic_main if args.masks else detection_main
     # With --json the evaluation tables go to stderr: stdout carries only the JSON line.

@@ -92,3 +92,13 @@ def test_one_stage_panoptic_training_trains_everything(panoptic_root, tmp_path, 
     assert any(k.startswith("detr.transformer.") for k in weights) and any(k.startswith("mask_head.") for k in weights)
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert any("loss_mask" in r and "loss_ce" in r for r in log if r["type"] == "step")
+
+
+def test_mask_head_width_is_checked_when_configured():
+    import dataclasses
+
+    from detr.config import preset
+
+    assert preset("shapes-small", masks=True).transformer.hidden_dim == 128
+    with pytest.raises(ValueError, match="hidden_dim divisible by 128, got 96"):
+        dataclasses.replace(preset("shapes-small").with_transformer(hidden_dim=96), masks=True)

@@ -66,9 +66,12 @@ def test_outputs_match_reference(reference, models, name, optimized):
         close(out["pred_masks"], expected["pred_masks"], 1e-4)
 
 
-def _loss_and_grads(model, reference, dtype: torch.dtype):
+def _loss_and_grads(model, reference, dtype: torch.dtype, on_demand: bool = False):
     config = model.config
     model = model.to(dtype)
+    if on_demand:  # what `detr train` runs: the matched queries' masks only (dropout is 0 here, norms frozen)
+        model.masks_on_demand = True
+        model.train()
     criterion = SetCriterion(num_classes=config.num_classes, matcher=HungarianMatcher.from_config(config.matcher),
                              loss=config.loss, masks=config.masks).to(dtype)
     targets = [{k: v.to(dtype) if v.is_floating_point() else v for k, v in t.items()} for t in reference["targets"]]
@@ -78,6 +81,8 @@ def _loss_and_grads(model, reference, dtype: torch.dtype):
     grads = {name: p.grad.detach().clone() for name, p in model.named_parameters() if p.grad is not None}
     model.zero_grad()
     model.float()
+    model.masks_on_demand = False
+    model.eval()
     return result, grads
 
 
@@ -115,3 +120,21 @@ def test_losses_and_gradients_match_reference(reference, models, name):
             assert _rel(ours, theirs) <= 1e-3, ref_name
         else:
             assert _rel(ours, truth) <= 3 * reference_error, ref_name
+
+
+def test_masks_on_demand_give_the_reference_losses_and_gradients(reference, models):
+    """Training computes the mask head for the matched queries only: same losses, same gradients."""
+    model = models["panoptic"]
+    full, full_grads = _loss_and_grads(model, reference, torch.float32)
+    demand, demand_grads = _loss_and_grads(model, reference, torch.float32, on_demand=True)
+    assert not model.training and not model.masks_on_demand
+    expected = reference["panoptic"]["losses"]
+    for name in ("loss_mask", "loss_dice"):
+        close(demand.terms[name], expected[name], 1e-4)
+        assert abs(demand.terms[name].item() - full.terms[name].item()) <= 1e-6
+    assert abs(demand.total.item() - reference["panoptic"]["total_loss"].item()) <= 1e-4 * abs(full.total.item())
+    mask_head = [k for k in full_grads if k.startswith(("mask_head.", "bbox_attention."))]
+    assert set(demand_grads) == set(full_grads) and len(mask_head) > 10
+    # Some gradients are zero but for rounding noise (~1e-9: biases in front of a GroupNorm), hence the atol.
+    for key, grad in full_grads.items():
+        assert (demand_grads[key] - grad).norm() <= 1e-5 * grad.norm() + 1e-8, key

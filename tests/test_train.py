@@ -81,8 +81,11 @@ def test_sigkill_mid_epoch_then_resume_continues_exactly(shapes, tmp_path):
     assert plot.stat().st_size > 1000
 
 
-def test_two_process_ddp_matches_one_process(shapes, tmp_path):
+@pytest.mark.parametrize("masks", [False, True], ids=["boxes", "masks"])
+def test_two_process_ddp_matches_one_process(shapes, tmp_path, masks):
+    # masks: the mask head runs, on demand, inside the criterion (outside DDP's forward)
     common = ["--coco_path", str(shapes), *TINY, "--no_augment", "--epochs", "1", "--seed", "1"]
+    common += ["--masks", "--hidden_dim", "128"] if masks else []  # the mask head's narrowest GroupNorm needs 128
     env = dict(os.environ, OMP_NUM_THREADS="1")
     ddp = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
@@ -97,7 +100,7 @@ def test_two_process_ddp_matches_one_process(shapes, tmp_path):
     one_steps = [r for r in log_records(tmp_path / "one" / "log.jsonl") if r["type"] == "step"]
     assert len(ddp_steps) == len(one_steps) == 6
     for a, b in zip(ddp_steps, one_steps, strict=True):
-        for key in ("loss", "loss_ce", "loss_bbox", "loss_giou"):
+        for key in ("loss", "loss_ce", "loss_bbox", "loss_giou") + (("loss_mask", "loss_dice") if masks else ()):
             assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5), (a["step"], key)
     w_ddp = read_checkpoint(tmp_path / "ddp" / "checkpoint.pth").state_dict
     w_one = read_checkpoint(tmp_path / "one" / "checkpoint.pth").state_dict

@@ -89,6 +89,9 @@ class DetrConfig:
             )
         if self.num_classes < 1 or self.num_queries < 1:
             raise ValueError("num_classes and num_queries must be >= 1")
+        if self.masks and self.transformer.hidden_dim % 128:
+            # the mask head narrows to hidden_dim / 16 channels under GroupNorm(8)
+            raise ValueError(f"masks=True needs hidden_dim divisible by 128, got {self.transformer.hidden_dim}")
 
     # --- serialization ---------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

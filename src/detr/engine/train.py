@@ -327,6 +327,8 @@ def train(model_config: DetrConfig, options: TrainOptions) -> dict[str, Any]:
     val_loader = build_loader(val_set, options, info, train=False)
 
     model = build_detr(model_config, freeze_detr=options.frozen_weights is not None)
+    if isinstance(model, DETRsegm):
+        model.masks_on_demand = True  # the loss needs the matched queries' masks only: compute only those
     if options.frozen_weights:
         detector = read_checkpoint(options.frozen_weights)
         if not isinstance(model, DETRsegm):

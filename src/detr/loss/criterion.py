@@ -16,7 +16,7 @@ reported but not optimized.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -185,15 +185,29 @@ class SetCriterion(nn.Module):
 
     @staticmethod
     def loss_masks(
-        mask_logits: Tensor, targets: Sequence[Mapping[str, Tensor]], match: _Match, num_boxes: float
+        mask_logits: Tensor | Callable[[Tensor, Tensor], Tensor], targets: Sequence[Mapping[str, Tensor]],
+        match: _Match, num_boxes: float,
     ) -> tuple[Tensor, Tensor]:
-        """Focal and dice losses of the matched masks at the batch's padded target size."""
+        """Focal and dice losses of the matched masks at the batch's padded target size.
+
+        mask_logits: [B, Q, h, w], or a callable (batch, query) -> [M, h, w] that computes the chosen ones.
+        """
         for i, t in enumerate(targets):
             if "masks" not in t:
                 raise KeyError(f"target {i} has no 'masks'; the mask losses need them (masks=True)")
         height = max(int(t["masks"].shape[-2]) for t in targets)
         width = max(int(t["masks"].shape[-1]) for t in targets)
-        pred = mask_logits.float()[match.batch, match.query]  # [M, h, w]
+        if len(match.batch) == 0:
+            # Nothing matched: zero losses that still belong to the graph (on demand, one mask is computed:
+            # GroupNorm takes no empty batch).
+            first = torch.zeros(1, dtype=torch.int64, device=match.batch.device)
+            some = mask_logits if isinstance(mask_logits, Tensor) else mask_logits(first, first)
+            zero = some.float().sum() * 0
+            return zero, zero.clone()
+        if isinstance(mask_logits, Tensor):
+            pred = mask_logits.float()[match.batch, match.query]  # [M, h, w]
+        else:
+            pred = mask_logits(match.batch, match.query).float()  # [M, h, w], only these computed
         # Targets are padded with zeros at the bottom/right, like the images they belong to.
         target = torch.cat(
             [
@@ -201,10 +215,6 @@ class SetCriterion(nn.Module):
                 for t, j in zip(targets, match.target_per_image, strict=True)
             ]
         ).to(pred.device, torch.float32)  # [M, H, W]
-        if pred.shape[0] == 0:
-            # Nothing matched: zero losses that still belong to the graph.
-            zero = mask_logits.float().sum() * 0
-            return zero, zero.clone()
         pred = F.interpolate(pred[:, None], size=(height, width), mode="bilinear", align_corners=False)
         pred = pred.flatten(1)  # [M, H*W]
         target = target.flatten(1)  # [M, H*W]
@@ -244,9 +254,10 @@ class SetCriterion(nn.Module):
             add(f"loss_bbox{suffix}", loss_bbox, cfg.bbox)
             add(f"loss_giou{suffix}", loss_giou, cfg.giou)
             if self.masks and is_final:  # the reference supervises masks on the last layer only
-                if "pred_masks" not in layer:
-                    raise KeyError("SetCriterion(masks=True) needs outputs['pred_masks']")
-                loss_mask, loss_dice = self.loss_masks(layer["pred_masks"], targets, match, num_boxes)
+                masks = layer.get("pred_masks", layer.get("mask_logits_of"))
+                if masks is None:
+                    raise KeyError("SetCriterion(masks=True) needs outputs['pred_masks'] (or 'mask_logits_of')")
+                loss_mask, loss_dice = self.loss_masks(masks, targets, match, num_boxes)
                 add("loss_mask", loss_mask, cfg.mask)
                 add("loss_dice", loss_dice, cfg.dice)
 

@@ -81,25 +81,62 @@ class MaskHeadSmallConv(nn.Module):
     def forward(self, x: Tensor, attention: Tensor, fpns: list[Tensor]) -> Tensor:
         """x [B, C, h, w], attention [B, Q, heads, h, w], fpns: stages 3, 2, 1 -> [B*Q, 1, H/4, W/4]."""
         num_queries = attention.shape[1]
+        adapted = [adapter(fpn) for adapter, fpn in zip(self._adapters(), fpns, strict=True)]
+        laterals = [_repeat_per_query(a, num_queries) for a in adapted]
         x = torch.cat([_repeat_per_query(x, num_queries), attention.flatten(0, 1)], dim=1)  # [B*Q, C+n, h, w]
+        return self._head(x, laterals)
+
+    def forward_rows(self, x: Tensor, attention_rows: Tensor, fpns: list[Tensor], image: Tensor) -> Tensor:
+        """The masks of M chosen queries only: attention_rows [M, heads, h, w] are their maps and
+        image [M] (int64) their images' indices into x [B, C, h, w] and fpns -> [M, 1, H/4, W/4].
+        Each row is computed as in forward (GroupNorm and the convolutions are per row)."""
+        laterals = [adapter(fpn)[image] for adapter, fpn in zip(self._adapters(), fpns, strict=True)]
+        return self._head(torch.cat([x[image], attention_rows], dim=1), laterals)
+
+    def _adapters(self) -> tuple[nn.Conv2d, nn.Conv2d, nn.Conv2d]:
+        return self.adapter1, self.adapter2, self.adapter3
+
+    def _head(self, x: Tensor, laterals: list[Tensor]) -> Tensor:
         x = F.relu(self.gn1(self.lay1(x)))
         x = F.relu(self.gn2(self.lay2(x)))
-        steps = ((self.adapter1, self.lay3, self.gn3), (self.adapter2, self.lay4, self.gn4),
-                 (self.adapter3, self.lay5, self.gn5))
-        for fpn, (adapter, conv, norm) in zip(fpns, steps, strict=True):
-            lateral = _repeat_per_query(adapter(fpn), num_queries)
+        steps = ((self.lay3, self.gn3), (self.lay4, self.gn4), (self.lay5, self.gn5))
+        for lateral, (conv, norm) in zip(laterals, steps, strict=True):
             x = lateral + F.interpolate(x, size=lateral.shape[-2:], mode="nearest")
             x = F.relu(norm(conv(x)))
         return self.out_lay(x)
 
 
-class DETRsegm(nn.Module):
-    """DETR plus the mask head. forward adds "pred_masks" [B, Q, H/4, W/4] (mask logits)."""
+class QueryMasks:
+    """Mask logits computed on demand, for the (image, query) pairs asked for.
 
-    def __init__(self, detr: DETR, *, freeze_detr: bool = False) -> None:
+    Training supervises only the matched queries' masks, a few of the Q per image; computing the head for
+    those alone gives the same losses and gradients for a fraction of the work.
+    ``query_masks(batch, query)`` with int64 index tensors [M] -> mask logits [M, H/4, W/4].
+    """
+
+    def __init__(self, head: MaskHeadSmallConv, features: Tensor, attention: Tensor, fpns: list[Tensor]) -> None:
+        self.head = head
+        self.features = features
+        self.attention = attention  # [B, Q, heads, h, w]
+        self.fpns = fpns
+
+    def __call__(self, batch: Tensor, query: Tensor) -> Tensor:
+        rows = self.head.forward_rows(self.features, self.attention[batch, query], self.fpns, batch)
+        return rows[:, 0]
+
+
+class DETRsegm(nn.Module):
+    """DETR plus the mask head. forward adds "pred_masks" [B, Q, H/4, W/4] (mask logits).
+
+    With ``masks_on_demand`` (set by ``detr train``), forward in training mode adds "mask_logits_of" (a
+    ``QueryMasks``) instead, so that the criterion computes the matched queries' masks only.
+    """
+
+    def __init__(self, detr: DETR, *, freeze_detr: bool = False, masks_on_demand: bool = False) -> None:
         super().__init__()
         self.detr = detr
         self.config = detr.config
+        self.masks_on_demand = masks_on_demand
         if freeze_detr:  # the paper's second stage: only the mask head trains
             for p in self.detr.parameters():
                 p.requires_grad_(False)
@@ -117,7 +154,11 @@ class DETRsegm(nn.Module):
         f = self.detr.forward_features(images)
         out = self.detr.heads(f.decoded)
         attention = self.bbox_attention(f.decoded[-1], f.memory, f.masks[-1])  # [B, Q, n, h, w]
-        masks = self.mask_head(f.projected, attention, [f.stages[2], f.stages[1], f.stages[0]])
+        fpns = [f.stages[2], f.stages[1], f.stages[0]]
+        if self.training and self.masks_on_demand:
+            out["mask_logits_of"] = QueryMasks(self.mask_head, f.projected, attention, fpns)
+            return out
+        masks = self.mask_head(f.projected, attention, fpns)
         b, q = attention.shape[:2]
         out["pred_masks"] = masks.view(b, q, masks.shape[-2], masks.shape[-1])  # [B, Q, H/4, W/4]
         return out
