@@ -92,11 +92,14 @@ def panoptic_main(args: argparse.Namespace) -> dict:
                 lr_backbone=args.lr, **common))
             detector = str(out / "detector" / "checkpoint.pth")
         box_seconds = time.perf_counter() - start
-        # stage 2: the mask head alone, on top of the frozen detector
+        # stage 2: the mask head alone, on top of the frozen detector (--unfrozen: everything trains on, from
+        # the detector's weights or --pretrained's)
+        frozen = None if args.unfrozen else detector
+        pretrained = args.pretrained or (detector if args.unfrozen else None)
         record = train(overfit_config(args.num_queries, masks=True), TrainOptions(
             output_dir=str(out / "masks"), epochs=args.mask_epochs, lr_drop=drop(args.mask_epochs),
-            lr=args.mask_lr or args.lr, lr_backbone=args.mask_lr or args.lr, frozen_weights=detector,
-            pretrained=args.pretrained, resume=args.resume, **common))
+            lr=args.mask_lr or args.lr, lr_backbone=args.mask_lr or args.lr, frozen_weights=frozen,
+            pretrained=pretrained, resume=args.resume, **common))
     result = {
         "pq": record["panoptic_PQ"], "pq_things": record["panoptic_PQ_th"], "sq_things": record["panoptic_SQ_th"],
         "rq_things": record["panoptic_RQ_th"], "segm_ap": record.get("segm_AP"), "ap": box_record.get("bbox_AP"),
@@ -105,6 +108,7 @@ def panoptic_main(args: argparse.Namespace) -> dict:
         "mask_epochs": args.mask_epochs, "images": n_images, "segments": n_segments, "size": args.size,
         "detector": args.detector, "threads": torch.get_num_threads(), "device": args.device,
         "mask_lr": args.mask_lr or args.lr, "pretrained": args.pretrained, "resumed_from": args.resume,
+        "unfrozen": args.unfrozen,
     }
     return result
 
@@ -131,10 +135,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mask_lr", type=float, default=None, help="with --masks: the mask head's lr (default --lr)")
     p.add_argument("--pretrained", default=None,
                    help="with --masks: start the mask head from a previous mask run's model.safetensors")
+    p.add_argument("--unfrozen", action="store_true",
+                   help="with --masks: the second stage trains the detector too (the one-stage variant, started from "
+                        "the trained detector)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     args = p.parse_args(argv)
-    if args.pretrained and not args.masks:
-        p.error("--pretrained starts the mask head: it needs --masks")
+    if (args.pretrained or args.unfrozen) and not args.masks:
+        p.error("--pretrained and --unfrozen are for the mask stage: they need --masks")
     if args.masks and args.resume and not args.detector:
         p.error("with --masks, --resume continues the mask stage: give its trained detector as --detector")
     logging.basicConfig(level=logging.WARNING if args.json else logging.INFO, format="%(message)s")

@@ -55,9 +55,11 @@ def test_overfit_panoptic_subset_is_both_splits(tmp_path):
         overfit.main(["--coco_path", str(COCO_MINI), "--masks", "--resume", "x.pth"])
 
 
-def test_overfit_pretrained_needs_masks():
+@pytest.mark.parametrize("flag", [["--pretrained", "x.safetensors"], ["--unfrozen"]])
+def test_overfit_mask_stage_flags_need_masks(flag, capsys):
     with pytest.raises(SystemExit):
-        _load("overfit").main(["--coco_path", str(COCO_MINI), "--pretrained", "x.safetensors"])
+        _load("overfit").main(["--coco_path", str(COCO_MINI), *flag])
+    assert "need --masks" in capsys.readouterr().err
 
 
 def test_inference_bf16_line_compares_with_fp32(monkeypatch, capsys):
