@@ -102,3 +102,29 @@ def test_mask_head_width_is_checked_when_configured():
     assert preset("shapes-small", masks=True).transformer.hidden_dim == 128
     with pytest.raises(ValueError, match="hidden_dim divisible by 128, got 96"):
         dataclasses.replace(preset("shapes-small").with_transformer(hidden_dim=96), masks=True)
+
+
+def test_masks_on_demand_follow_the_forward_autocast():
+    """--amp: the criterion (outside autocast) computes on-demand masks under the forward's autocast."""
+    from detr.config import preset
+    from detr.engine.train import build_criterion
+    from detr.model.detr import build_detr
+
+    config = preset("shapes-small", masks=True, num_queries=4).with_transformer(enc_layers=1, dec_layers=1)
+    torch.manual_seed(0)
+    model = build_detr(config)
+    model.masks_on_demand = True
+    model.train()
+    images = [torch.randn(3, 64, 64), torch.randn(3, 64, 48)]
+    mask = torch.zeros(1, 64, 64, dtype=torch.bool)
+    mask[0, 10:40, 12:30] = True
+    targets = [{"labels": torch.tensor([1]), "boxes": torch.tensor([[0.33, 0.39, 0.28, 0.47]]), "masks": mask},
+               {"labels": torch.tensor([2]), "boxes": torch.tensor([[0.5, 0.5, 0.5, 0.5]]),
+                "masks": torch.ones(1, 64, 48, dtype=torch.bool)}]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        outputs = model(images)
+    masks = outputs["mask_logits_of"](torch.tensor([0, 1]), torch.tensor([2, 0]))
+    assert masks.dtype == torch.bfloat16 and masks.shape == (2, 16, 16)
+    result = build_criterion(config)(outputs, targets)
+    result.total.backward()
+    assert torch.isfinite(result.terms["loss_dice"]) and model.mask_head.lay1.weight.grad is not None

@@ -119,9 +119,15 @@ class QueryMasks:
         self.features = features
         self.attention = attention  # [B, Q, heads, h, w]
         self.fpns = fpns
+        # The criterion calls this outside the model's autocast region (--amp): the head runs under the
+        # autocast state of the forward that made it, as the full computation would.
+        self.device_type = features.device.type
+        self.autocast = torch.is_autocast_enabled(self.device_type)
+        self.autocast_dtype = torch.get_autocast_dtype(self.device_type)
 
     def __call__(self, batch: Tensor, query: Tensor) -> Tensor:
-        rows = self.head.forward_rows(self.features, self.attention[batch, query], self.fpns, batch)
+        with torch.autocast(self.device_type, dtype=self.autocast_dtype, enabled=self.autocast):
+            rows = self.head.forward_rows(self.features, self.attention[batch, query], self.fpns, batch)
         return rows[:, 0]
 
 
