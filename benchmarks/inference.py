@@ -113,14 +113,14 @@ def main(argv: list[str] | None = None) -> int:
         model = optimize_for_inference(model)
     single = [torch.randn(3, *SINGLE, device=device)]
     mixed = [torch.randn(3, *size, device=device) for size in MIXED]
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
+
+    def cast(precision: str = args.precision) -> torch.autocast:
+        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
     def ours(images: list[torch.Tensor], net: torch.nn.Module = model, precision: str = args.precision
              ) -> Callable[[], object]:
-        cast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
-
         def run() -> object:
-            with torch.inference_mode(), cast:
+            with torch.inference_mode(), cast(precision):
                 return net(images)
         return run
 
@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
         compiled = compile_for_inference(model)
 
         def run_compiled() -> object:
-            with torch.inference_mode(), autocast:
+            with torch.inference_mode(), cast():
                 return compiled(single)
 
         start = time.perf_counter()
@@ -181,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
         pixels = single[0][None]
 
         def run_hf() -> object:
-            with torch.inference_mode(), autocast:
+            with torch.inference_mode(), cast():
                 return hf(pixel_values=pixels)
 
         t_hf = median_seconds(run_hf, args.runs, device=device)

@@ -316,7 +316,7 @@ def train(model_config: DetrConfig, options: TrainOptions) -> dict[str, Any]:
     out_dir = Path(options.output_dir)
     if info.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
-    autocast = amp_dtype(options.amp, device)
+    autocast_dtype = amp_dtype(options.amp, device)
 
     train_set = build_dataset(options, "train", train_augment=True, masks=model_config.masks)
     class_names = options.class_names or train_set.category_names
@@ -348,7 +348,7 @@ def train(model_config: DetrConfig, options: TrainOptions) -> dict[str, Any]:
                                 weight_decay=options.weight_decay)
     scheduler = build_scheduler(optimizer, options.lr_drop)
     criterion = build_criterion(model_config).to(device)
-    scaler = torch.amp.GradScaler("cuda") if autocast == torch.float16 else None
+    scaler = torch.amp.GradScaler("cuda") if autocast_dtype == torch.float16 else None
 
     start_epoch = 0
     if options.resume:
@@ -376,7 +376,7 @@ def train(model_config: DetrConfig, options: TrainOptions) -> dict[str, Any]:
             train_set.set_epoch(epoch)
             stats = train_one_epoch(
                 train_model, criterion, train_loader, optimizer, device=device, epoch=epoch,
-                clip_max_norm=options.clip_max_norm, amp_dtype=autocast, scaler=scaler, log_file=log_file,
+                clip_max_norm=options.clip_max_norm, amp_dtype=autocast_dtype, scaler=scaler, log_file=log_file,
                 progress=options.progress and info.is_main, step_offset=epoch * len(train_loader),
             )
             scheduler.step()
@@ -385,7 +385,7 @@ def train(model_config: DetrConfig, options: TrainOptions) -> dict[str, Any]:
             record = {"type": "epoch", "epoch": epoch, **{f"train_{k}": v for k, v in stats.items()}}
             last = epoch == options.epochs - 1
             if last or (options.eval_every and (epoch + 1) % options.eval_every == 0):
-                record.update(_evaluate(model, val_loader, val_set, device, autocast, options, info, out_dir,
+                record.update(_evaluate(model, val_loader, val_set, device, autocast_dtype, options, info, out_dir,
                                         instances))
             log_file.write(record)
             if info.is_main:
