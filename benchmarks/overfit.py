@@ -98,8 +98,8 @@ def panoptic_main(args: argparse.Namespace) -> dict:
         pretrained = args.pretrained or (detector if args.unfrozen else None)
         record = train(overfit_config(args.num_queries, masks=True), TrainOptions(
             output_dir=str(out / "masks"), epochs=args.mask_epochs, lr_drop=drop(args.mask_epochs),
-            lr=args.mask_lr or args.lr, lr_backbone=args.mask_lr or args.lr, frozen_weights=frozen,
-            pretrained=pretrained, resume=args.resume, **common))
+            lr=args.mask_lr or args.lr, lr_backbone=args.mask_lr_backbone or args.mask_lr or args.lr,
+            frozen_weights=frozen, pretrained=pretrained, resume=args.resume, **common))
     result = {
         "pq": record["panoptic_PQ"], "pq_things": record["panoptic_PQ_th"], "sq_things": record["panoptic_SQ_th"],
         "rq_things": record["panoptic_RQ_th"], "segm_ap": record.get("segm_AP"), "ap": box_record.get("bbox_AP"),
@@ -107,7 +107,8 @@ def panoptic_main(args: argparse.Namespace) -> dict:
         "mask_seconds": round(time.perf_counter() - start - box_seconds, 1), "epochs": args.epochs,
         "mask_epochs": args.mask_epochs, "images": n_images, "segments": n_segments, "size": args.size,
         "detector": args.detector, "threads": torch.get_num_threads(), "device": args.device,
-        "mask_lr": args.mask_lr or args.lr, "pretrained": args.pretrained, "resumed_from": args.resume,
+        "mask_lr": args.mask_lr or args.lr, "mask_lr_backbone": args.mask_lr_backbone, "pretrained": args.pretrained,
+        "resumed_from": args.resume,
         "unfrozen": args.unfrozen,
     }
     return result
@@ -133,6 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mask_epochs", type=int, default=100, help="epochs of the mask head (with --masks)")
     p.add_argument("--detector", default=None, help="with --masks: a trained detector; skips the first stage")
     p.add_argument("--mask_lr", type=float, default=None, help="with --masks: the mask head's lr (default --lr)")
+    p.add_argument("--mask_lr_backbone", type=float, default=None,
+                   help="with --masks --unfrozen: the backbone's lr in the mask stage (default --mask_lr)")
     p.add_argument("--pretrained", default=None,
                    help="with --masks: start the mask head from a previous mask run's model.safetensors")
     p.add_argument("--unfrozen", action="store_true",
@@ -142,6 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if (args.pretrained or args.unfrozen) and not args.masks:
         p.error("--pretrained and --unfrozen are for the mask stage: they need --masks")
+    if args.mask_lr_backbone is not None and not args.unfrozen:
+        p.error("--mask_lr_backbone needs --unfrozen (the two-stage recipe freezes the backbone)")
     if args.masks and args.resume and not args.detector:
         p.error("with --masks, --resume continues the mask stage: give its trained detector as --detector")
     logging.basicConfig(level=logging.WARNING if args.json else logging.INFO, format="%(message)s")

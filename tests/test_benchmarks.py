@@ -62,6 +62,12 @@ def test_overfit_mask_stage_flags_need_masks(flag, capsys):
     assert "need --masks" in capsys.readouterr().err
 
 
+def test_overfit_backbone_lr_needs_unfrozen(capsys):
+    with pytest.raises(SystemExit):
+        _load("overfit").main(["--coco_path", str(COCO_MINI), "--masks", "--mask_lr_backbone", "1e-4"])
+    assert "needs --unfrozen" in capsys.readouterr().err
+
+
 def test_inference_bf16_line_compares_with_fp32(monkeypatch, capsys):
     """The whole benchmark at tiny image sizes: the bf16 line carries its fp32 comparison."""
     inference = _load("inference")
