@@ -92,3 +92,49 @@ def test_demo_steps_logs_losses_and_held_out_ap(tmp_path, capsys):
     assert lines[0]["args"]["num_train"] == 8 and [line["step"] for line in lines[1:]] == [1, 2, 2]
     assert lines[1]["loss_ce"] > 0 and lines[2]["loss_giou"] > 0 and 0 <= lines[3]["ap50"] <= 1
     assert len(list(tmp_path.glob("shapes_8_4_64_*/train2017/*.png"))) == 8
+
+
+def _synthetic_panoptic(tmp_path: Path, ids, segments) -> tuple[Path, Path]:
+    import torch
+
+    from detr.postprocess import segment_ids_to_png
+
+    folder = tmp_path / "png"
+    folder.mkdir()
+    (folder / "1.png").write_bytes(segment_ids_to_png(torch.as_tensor(ids)))
+    gt = {"images": [{"id": 1, "file_name": "1.jpg", "height": ids.shape[0], "width": ids.shape[1]}],
+          "annotations": [{"image_id": 1, "file_name": "1.png", "segments_info": segments}],
+          "categories": [{"id": c, "name": str(c), "isthing": 1} for c in (1, 2, 3)]}
+    (tmp_path / "gt.json").write_text(json.dumps(gt))
+    return tmp_path / "gt.json", folder
+
+
+def test_pq_ceiling_is_exact_on_the_stride_grid_and_loses_what_a_cell_cannot_hold(tmp_path):
+    import numpy as np
+
+    ceiling = _load("pq_ceiling").ceiling
+    ids = np.zeros((64, 96), dtype=np.int64)
+    ids[8:40, 4:52] = 1  # edges on the 4-pixel grid: representable exactly at the native size
+    ids[12:60, 60:92] = 2
+    segments = [{"id": i, "category_id": i, "area": int((ids == i).sum()), "iscrowd": 0} for i in (1, 2)]
+    gt_json, folder = _synthetic_panoptic(tmp_path, ids, segments)
+    assert ceiling(gt_json, folder, size=64, max_size=96)["pq_things"] == 1.0
+
+    ids[20:22, 20:22] = 3  # 2x2 pixels inside segment 1: a quarter of one cell, always outvoted
+    segments = [{"id": i, "category_id": i, "area": int((ids == i).sum()), "iscrowd": 0} for i in (1, 2, 3)]
+    (tmp_path / "b").mkdir()
+    gt_json, folder = _synthetic_panoptic(tmp_path / "b", ids, segments)
+    line = ceiling(gt_json, folder, size=64, max_size=96)
+    assert line["segments"] == 3 and line["rq_things"] == pytest.approx(2 / 3, abs=1e-4)
+    assert line["pq_things"] == pytest.approx((1 + 1532 / 1536) / 3, abs=1e-4)  # segment 1 keeps 4 extra pixels
+
+
+def test_pq_ceiling_on_converted_coco_mini(tmp_path, capsys):
+    overfit, script = _load("overfit"), _load("pq_ceiling")
+    overfit.panoptic_subset(str(COCO_MINI), 2, tmp_path)
+    annotations = tmp_path / "annotations"
+    assert script.main(["--panoptic_json", str(annotations / "panoptic_val2017.json"),
+                        "--panoptic_folder", str(annotations / "panoptic_val2017"), "--sizes", "32", "512"]) == 0
+    small, large = (json.loads(line) for line in capsys.readouterr().out.splitlines())
+    assert (small["size"], large["size"], large["max_size"]) == (32, 512, 853)
+    assert 0 < small["pq_things"] < large["pq_things"] <= 1 and large["segments"] == small["segments"] > 0
