@@ -39,36 +39,39 @@ def ideal_outputs(gt_ids: np.ndarray, segments: list[dict], size: int, max_size:
     resized = F.interpolate(onehot[None], size=(h, w), mode="area")  # [1, N, h, w], coverage in [0, 1]
     coverage = F.avg_pool2d(resized, STRIDE, ceil_mode=True)  # [1, N, ceil(h/4), ceil(w/4)]
     masks = torch.logit(coverage, eps=1e-4)
-    logits = torch.full((1, len(segments), num_classes + 1), -20.0)
-    for q, s in enumerate(segments):
-        logits[0, q, int(s["category_id"])] = 20.0
+    logits = torch.full((1, len(segments), num_classes + 1), -20.0)  # each query sure of its segment's class
+    logits[0, torch.arange(len(segments)), torch.tensor([int(s["category_id"]) for s in segments])] = 20.0
     return {"pred_logits": logits, "pred_masks": masks}, (h, w)
 
 
-def ceiling(panoptic_json: str | Path, panoptic_folder: str | Path, size: int, max_size: int) -> dict:
-    """PQ of the ideal stride-4 masks at one size (see the module docstring)."""
+def ceilings(panoptic_json: str | Path, panoptic_folder: str | Path, sizes: list[tuple[int, int]]) -> list[dict]:
+    """PQ of the ideal stride-4 masks at each (size, max_size), one dict per pair (see the module docstring)."""
     gt = read_json(panoptic_json, "panoptic json")
     categories = {int(c["id"]): c for c in gt["categories"]}
     num_classes = max(categories) + 1
-    accumulator = PQAccumulator(gt["categories"])
+    accumulators = [PQAccumulator(gt["categories"]) for _ in sizes]
     n_segments = 0
     for ann in gt["annotations"]:
-        gt_ids = read_segment_ids(Path(panoptic_folder) / ann["file_name"])
+        gt_ids = read_segment_ids(Path(panoptic_folder) / ann["file_name"])  # read once for every size
         segments = [s for s in ann["segments_info"] if not s.get("iscrowd", 0)]
-        pred_ids, pred_segments = np.zeros_like(gt_ids), []
-        if segments:
-            outputs, (h, w) = ideal_outputs(gt_ids, segments, size, max_size, num_classes)
-            result = postprocess_panoptic(outputs, [(h, w)], [gt_ids.shape], threshold=0.85,
-                                          is_thing=lambda c: int(categories[c].get("isthing", 1)) == 1)[0]
-            pred_ids = result["segment_ids"].numpy().astype(np.int64) + 1  # 0 stays unlabeled
-            pred_segments = [{**s, "id": s["id"] + 1} for s in result["segments_info"]]
-        accumulator.add_image(gt_ids, ann["segments_info"], pred_ids, pred_segments, image=ann["file_name"])
         n_segments += len(segments)
-    summary = accumulator.summarize()
-    things = summary["Things"]
-    return {"size": size, "max_size": max_size, "pq": round(summary["All"]["pq"], 4),
-            "pq_things": round(things["pq"], 4), "sq_things": round(things["sq"], 4),
-            "rq_things": round(things["rq"], 4), "segments": n_segments}
+        for (size, max_size), accumulator in zip(sizes, accumulators, strict=True):
+            pred_ids, pred_segments = np.zeros_like(gt_ids), []
+            if segments:
+                outputs, (h, w) = ideal_outputs(gt_ids, segments, size, max_size, num_classes)
+                result = postprocess_panoptic(outputs, [(h, w)], [gt_ids.shape], threshold=0.85,
+                                              is_thing=lambda c: int(categories[c].get("isthing", 1)) == 1)[0]
+                pred_ids = result["segment_ids"].numpy().astype(np.int64) + 1  # 0 stays unlabeled
+                pred_segments = [{**s, "id": s["id"] + 1} for s in result["segments_info"]]
+            accumulator.add_image(gt_ids, ann["segments_info"], pred_ids, pred_segments, image=ann["file_name"])
+    lines = []
+    for (size, max_size), accumulator in zip(sizes, accumulators, strict=True):
+        summary = accumulator.summarize()
+        things = summary["Things"]
+        lines.append({"size": size, "max_size": max_size, "pq": round(summary["All"]["pq"], 4),
+                      "pq_things": round(things["pq"], 4), "sq_things": round(things["sq"], 4),
+                      "rq_things": round(things["rq"], 4), "segments": n_segments})
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -79,9 +82,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max_size_ratio", type=float, default=1333 / 800,
                    help="long-side cap as a multiple of the short side (the reference's 1333 for 800)")
     args = p.parse_args(argv)
-    for size in args.sizes:
-        print(json.dumps(ceiling(args.panoptic_json, args.panoptic_folder, size,
-                                 math.floor(size * args.max_size_ratio))), flush=True)
+    sizes = [(size, math.floor(size * args.max_size_ratio)) for size in args.sizes]
+    for line in ceilings(args.panoptic_json, args.panoptic_folder, sizes):
+        print(json.dumps(line))
     return 0
 
 

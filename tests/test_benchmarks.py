@@ -112,19 +112,19 @@ def _synthetic_panoptic(tmp_path: Path, ids, segments) -> tuple[Path, Path]:
 def test_pq_ceiling_is_exact_on_the_stride_grid_and_loses_what_a_cell_cannot_hold(tmp_path):
     import numpy as np
 
-    ceiling = _load("pq_ceiling").ceiling
+    ceilings = _load("pq_ceiling").ceilings
     ids = np.zeros((64, 96), dtype=np.int64)
     ids[8:40, 4:52] = 1  # edges on the 4-pixel grid: representable exactly at the native size
     ids[12:60, 60:92] = 2
     segments = [{"id": i, "category_id": i, "area": int((ids == i).sum()), "iscrowd": 0} for i in (1, 2)]
     gt_json, folder = _synthetic_panoptic(tmp_path, ids, segments)
-    assert ceiling(gt_json, folder, size=64, max_size=96)["pq_things"] == 1.0
+    assert ceilings(gt_json, folder, [(64, 96)])[0]["pq_things"] == 1.0
 
     ids[20:22, 20:22] = 3  # 2x2 pixels inside segment 1: a quarter of one cell, always outvoted
     segments = [{"id": i, "category_id": i, "area": int((ids == i).sum()), "iscrowd": 0} for i in (1, 2, 3)]
     (tmp_path / "b").mkdir()
     gt_json, folder = _synthetic_panoptic(tmp_path / "b", ids, segments)
-    line = ceiling(gt_json, folder, size=64, max_size=96)
+    (line,) = ceilings(gt_json, folder, [(64, 96)])
     assert line["segments"] == 3 and line["rq_things"] == pytest.approx(2 / 3, abs=1e-4)
     assert line["pq_things"] == pytest.approx((1 + 1532 / 1536) / 3, abs=1e-4)  # segment 1 keeps 4 extra pixels
 
