@@ -108,8 +108,7 @@ def panoptic_main(args: argparse.Namespace) -> dict:
         "mask_epochs": args.mask_epochs, "images": n_images, "segments": n_segments, "size": args.size,
         "detector": args.detector, "threads": torch.get_num_threads(), "device": args.device,
         "mask_lr": args.mask_lr or args.lr, "mask_lr_backbone": args.mask_lr_backbone, "pretrained": args.pretrained,
-        "resumed_from": args.resume,
-        "unfrozen": args.unfrozen,
+        "resumed_from": args.resume, "unfrozen": args.unfrozen,
     }
     return result
 
