@@ -26,7 +26,8 @@ from detr.data.batch import collate_detection
 from detr.data.shapes import generate_shapes
 from detr.engine.evaluate import evaluate
 from detr.engine.optim import build_optimizer
-from detr.engine.train import TrainOptions, build_criterion, build_dataset
+from detr.engine.train import TrainOptions, build_dataset
+from detr.loss import SetCriterion
 from detr.model.detr import build_detr
 
 
@@ -83,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
                                      dim_feedforward=args.dim_feedforward, dropout=args.dropout)
     config = dataclasses.replace(config, loss=dataclasses.replace(config.loss, eos_coef=args.eos_coef))
     model = build_detr(config).to(device)
-    criterion = build_criterion(config).to(device)
+    criterion = SetCriterion.from_config(config).to(device)
     optimizer = build_optimizer(model, lr=args.lr, lr_backbone=args.lr_backbone or args.lr, weight_decay=1e-4)
     print(json.dumps({"args": vars(args)}), flush=True)
 

@@ -22,6 +22,7 @@ import argparse
 import contextlib
 import json
 import logging
+import shlex
 import sys
 import tempfile
 import time
@@ -29,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from detr.cli import add_model_flags, model_config_from_args
 from detr.config import DetrConfig, preset
 from detr.data.coco import coco_paths
 from detr.data.panoptic import panoptic_from_instances
@@ -52,11 +54,17 @@ def drop(epochs: int) -> int:
     return max(1, round(epochs * 2 / 3))
 
 
-def overfit_config(num_queries: int, masks: bool = False) -> DetrConfig:
-    """A from-scratch ResNet-18 (trained GroupNorm, every stage trains) under a DETR of width 256."""
+def overfit_config(num_queries: int, masks: bool = False, variant: str = "") -> DetrConfig:
+    """A from-scratch ResNet-18 (trained GroupNorm, every stage trains) under a DETR of width 256, with the
+    model flags of ``variant`` (``detr train``'s, e.g. "--anchor_queries --two_stage") applied on top."""
     config = preset("shapes-small", num_queries=num_queries, num_classes=91, masks=masks)
     config = config.with_backbone(name="resnet18", norm="group_norm", frozen_stages=0)
-    return config.with_transformer(hidden_dim=256, nheads=8, enc_layers=3, dec_layers=3, dim_feedforward=512)
+    config = config.with_transformer(hidden_dim=256, nheads=8, enc_layers=3, dec_layers=3, dim_feedforward=512)
+    if not variant:
+        return config
+    parser = argparse.ArgumentParser(prog="--variant", add_help=False)
+    add_model_flags(parser)
+    return model_config_from_args(parser.parse_args(shlex.split(variant)), base=config)
 
 
 def panoptic_subset(coco_path: str, count: int, root: Path) -> tuple[Path, int, int]:
@@ -141,6 +149,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="with --masks: the second stage trains the detector too (the one-stage variant, started from "
                         "the trained detector)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--variant", default="", metavar="FLAGS",
+                   help='model flags of detr train on top of the overfit model, e.g. "--anchor_queries --two_stage"')
+    p.add_argument("--ema", type=float, default=None, help="evaluate an EMA of the weights with this decay")
+    p.add_argument("--eval_every", type=int, default=0, help="epochs between evaluations (0: at the end)")
     args = p.parse_args(argv)
     if (args.pretrained or args.unfrozen) and not args.masks:
         p.error("--pretrained and --unfrozen are for the mask stage: they need --masks")
@@ -159,8 +171,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def detection_main(args: argparse.Namespace) -> dict:
     images_dir, ann_file = coco_paths(args.coco_path, "train")
-    # A from-scratch ResNet-18 (trained GroupNorm, every stage trains) under a DETR of width 256.
-    config = overfit_config(args.num_queries)
+    config = overfit_config(args.num_queries, variant=args.variant)
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         subset = Path(tmp) / "subset.json"
@@ -170,15 +181,15 @@ def detection_main(args: argparse.Namespace) -> dict:
             output_dir=args.output_dir or str(Path(tmp) / "run"), epochs=args.epochs, lr_drop=drop(args.epochs),
             resume=args.resume,
             batch_size=args.batch_size, lr=args.lr, lr_backbone=args.lr, seed=args.seed, num_workers=0,
-            augment=False, train_scales=[args.size], val_scale=args.size, max_size=args.max_size, eval_every=0,
-            progress=not args.json, device=args.device,
+            augment=False, train_scales=[args.size], val_scale=args.size, max_size=args.max_size,
+            eval_every=args.eval_every, progress=not args.json, device=args.device, ema=args.ema,
         )
         record = train(config, options)
     result = {
         "ap": record["bbox_AP"], "ap50": record["bbox_AP50"], "seconds": round(time.perf_counter() - start, 1),
         "epochs": args.epochs, "images": n_images, "objects": n_objects, "size": args.size,
         "final_loss": record["train_loss"], "threads": torch.get_num_threads(), "resumed_from": args.resume,
-        "device": args.device,
+        "device": args.device, "variant": args.variant, "ema": args.ema,
     }
     return result
 

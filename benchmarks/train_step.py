@@ -20,7 +20,7 @@ import torch
 
 from detr import build_detr, preset
 from detr.engine.optim import build_optimizer
-from detr.engine.train import build_criterion
+from detr.loss import SetCriterion
 from detr.runtime import keep_freed_memory
 
 SIZES = ((512, 683), (512, 640))
@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     config = preset("r50")
     model = build_detr(config).train()
-    criterion = build_criterion(config)
+    criterion = SetCriterion.from_config(config)
     optimizer = build_optimizer(model, lr=1e-4, lr_backbone=1e-5, weight_decay=1e-4)
     g = torch.Generator().manual_seed(0)
     images = [torch.randn(3, *size, generator=g) for size in SIZES]

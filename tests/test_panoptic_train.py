@@ -107,7 +107,7 @@ def test_mask_head_width_is_checked_when_configured():
 def test_masks_on_demand_follow_the_forward_autocast():
     """--amp: the criterion (outside autocast) computes on-demand masks under the forward's autocast."""
     from detr.config import preset
-    from detr.engine.train import build_criterion
+    from detr.loss import SetCriterion
     from detr.model.detr import build_detr
 
     config = preset("shapes-small", masks=True, num_queries=4).with_transformer(enc_layers=1, dec_layers=1)
@@ -125,6 +125,6 @@ def test_masks_on_demand_follow_the_forward_autocast():
         outputs = model(images)
     masks = outputs["mask_logits_of"](torch.tensor([0, 1]), torch.tensor([2, 0]))
     assert masks.dtype == torch.bfloat16 and masks.shape == (2, 16, 16)
-    result = build_criterion(config)(outputs, targets)
+    result = SetCriterion.from_config(config)(outputs, targets)
     result.total.backward()
     assert torch.isfinite(result.terms["loss_dice"]) and model.mask_head.lay1.weight.grad is not None

@@ -8,40 +8,104 @@ without rereading docs (``--coco_path --batch_size --lr --lr_backbone --lr_drop 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
 from pathlib import Path
 from typing import Any
 
-from .config import BACKBONE_NORMS, BACKBONES, DetrConfig, LossConfig, MatcherConfig, TransformerConfig, preset
+from .config import (
+    BACKBONE_NORMS,
+    BACKBONES,
+    PRESETS,
+    PROPOSAL_LOSSES,
+    QUERY_POSITIONS,
+    SPATIAL_POSITIONS,
+    DetrConfig,
+    preset,
+)
 
 log = logging.getLogger("detr")
 
 
 # --- shared flag groups ----------------------------------------------------------------------
 
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+# flag -> (section of DetrConfig, field); "" is DetrConfig itself
+MODEL_FLAGS: dict[str, tuple[str, str]] = {
+    "num_classes": ("", "num_classes"), "num_queries": ("", "num_queries"),
+    "position_embedding": ("", "position_embedding"), "masks": ("", "masks"),
+    "backbone": ("backbone", "name"), "dilation": ("backbone", "dilation"), "backbone_norm": ("backbone", "norm"),
+    "frozen_stages": ("backbone", "frozen_stages"), "backbone_widths": ("backbone", "widths"),
+    "backbone_depths": ("backbone", "depths"),
+    **{name: ("transformer", name) for name in ("enc_layers", "dec_layers", "dim_feedforward", "hidden_dim", "dropout",
+                                                "nheads", "pre_norm", "spatial_pos", "query_pos")},
+    "anchor_queries": ("queries", "anchors"), "two_stage": ("queries", "two_stage"),
+    "anchor_size": ("queries", "anchor_size"), "denoising": ("queries", "denoising_groups"),
+    "label_noise": ("queries", "label_noise"), "box_noise": ("queries", "box_noise"),
+    "query_groups": ("queries", "groups"),
+    "set_cost_class": ("matcher", "cost_class"), "set_cost_bbox": ("matcher", "cost_bbox"),
+    "set_cost_giou": ("matcher", "cost_giou"),
+    "bbox_loss_coef": ("loss", "bbox"), "giou_loss_coef": ("loss", "giou"), "mask_loss_coef": ("loss", "mask"),
+    "dice_loss_coef": ("loss", "dice"), "eos_coef": ("loss", "eos_coef"), "aux_loss": ("loss", "aux_loss"),
+    "proposal_loss": ("loss", "proposal_loss"),
+}
+
+
 def add_model_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model (defaults: the paper's DETR-R50, or --preset)")
-    g.add_argument("--preset", default=None, help="r50, r50-dc5, r101, r101-dc5, panoptic, shapes-small")
+    g.add_argument("--preset", default=None, help=f"one of {', '.join(PRESETS)}")
     g.add_argument("--num_classes", type=int, default=None,
                    help="K, the class head has K+1 outputs; default: max category id + 1 of the training json")
-    g.add_argument("--backbone", choices=BACKBONES, default=None)
+    g.add_argument("--backbone", choices=BACKBONES, default=None,
+                   help="a ResNet, or 'small': a GroupNorm CNN for training from scratch (--backbone_widths)")
     g.add_argument("--dilation", action="store_true", default=None, help="DC5: dilation in the last stage")
     g.add_argument("--backbone_norm", choices=BACKBONE_NORMS, default=None,
                    help="frozen_bn (the reference; for ImageNet weights) or group_norm (trained; from scratch)")
     g.add_argument("--frozen_stages", type=int, default=None,
                    help="leading backbone stages that never train: 1 = stem + layer1 (the reference), 0 = none")
+    g.add_argument("--backbone_widths", type=_ints, default=None,
+                   help="small backbone: channels of each stride-2 stage, e.g. 32,64,128 (stride 8)")
+    g.add_argument("--backbone_depths", type=_ints, default=None,
+                   help="small backbone: extra 3x3 convolutions per stage, e.g. 0,1,2")
     g.add_argument("--position_embedding", choices=("sine", "learned"), default=None)
     g.add_argument("--enc_layers", type=int, default=None)
     g.add_argument("--dec_layers", type=int, default=None)
-    g.add_argument("--dim_feedforward", type=int, default=None)
+    g.add_argument("--dim_feedforward", type=int, default=None, help="0 removes the feed-forward networks")
     g.add_argument("--hidden_dim", type=int, default=None)
     g.add_argument("--dropout", type=float, default=None)
     g.add_argument("--nheads", type=int, default=None)
     g.add_argument("--num_queries", type=int, default=None)
     g.add_argument("--pre_norm", action="store_true", default=None)
+    g.add_argument("--spatial_pos", choices=SPATIAL_POSITIONS, default=None,
+                   help="image positions added in every attention (DETR), once at the input, or nowhere")
+    g.add_argument("--query_pos", choices=QUERY_POSITIONS, default=None,
+                   help="learned query positions added in every decoder layer (DETR) or once at the input")
     g.add_argument("--masks", action="store_true", default=None, help="train the panoptic mask head")
+    g = p.add_argument_group("convergence options (DETR's successors; all off by default)")
+    g.add_argument("--anchor_queries", action="store_true", default=None,
+                   help="anchor-box queries with per-layer box refinement (DAB-DETR, Deformable DETR)")
+    g.add_argument("--two_stage", action="store_true", default=None,
+                   help="reference boxes from the top encoder proposals (needs --anchor_queries)")
+    g.add_argument("--anchor_size", type=float, default=None,
+                   help="initial width/height of anchors and proposals (normalized, default 0.1)")
+    g.add_argument("--denoising", type=int, default=None, metavar="GROUPS",
+                   help="denoising training with GROUPS groups of noised ground truth (DN-DETR; needs "
+                        "--anchor_queries)")
+    g.add_argument("--label_noise", type=float, default=None, help="denoising: fraction of labels flipped (0.5)")
+    g.add_argument("--box_noise", type=float, default=None, help="denoising: box noise scale (0.4)")
+    g.add_argument("--query_groups", type=int, default=None, metavar="G",
+                   help="one-to-many training with G groups of queries (Group DETR); inference uses one")
+    g.add_argument("--proposal_loss", choices=PROPOSAL_LOSSES, default=None,
+                   help="class loss of the two-stage proposals: focal (default) or ce")
+    g = p.add_argument_group("loss")
     g.add_argument("--no_aux_loss", dest="aux_loss", action="store_false", default=None)
     g.add_argument("--set_cost_class", type=float, default=None)
     g.add_argument("--set_cost_bbox", type=float, default=None)
@@ -53,42 +117,26 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--eos_coef", type=float, default=None)
 
 
-def model_config_from_args(args: argparse.Namespace, num_classes: int | None = None) -> DetrConfig:
-    """The preset (or the paper's defaults) with every flag the user gave applied on top."""
-    config = preset(args.preset) if args.preset else DetrConfig()
-
-    def pick(value: Any, default: Any) -> Any:
-        return default if value is None else value
-
-    t, m, lo = config.transformer, config.matcher, config.loss
-    config = config.replace(
-        num_classes=pick(args.num_classes, num_classes if num_classes is not None else config.num_classes),
-        num_queries=pick(args.num_queries, config.num_queries),
-        position_embedding=pick(args.position_embedding, config.position_embedding),
-        masks=pick(args.masks, config.masks),
-        transformer=TransformerConfig(
-            hidden_dim=pick(args.hidden_dim, t.hidden_dim), nheads=pick(args.nheads, t.nheads),
-            enc_layers=pick(args.enc_layers, t.enc_layers), dec_layers=pick(args.dec_layers, t.dec_layers),
-            dim_feedforward=pick(args.dim_feedforward, t.dim_feedforward), dropout=pick(args.dropout, t.dropout),
-            pre_norm=pick(args.pre_norm, t.pre_norm),
-        ),
-        matcher=MatcherConfig(
-            cost_class=pick(args.set_cost_class, m.cost_class), cost_bbox=pick(args.set_cost_bbox, m.cost_bbox),
-            cost_giou=pick(args.set_cost_giou, m.cost_giou),
-        ),
-        loss=LossConfig(
-            ce=lo.ce, bbox=pick(args.bbox_loss_coef, lo.bbox), giou=pick(args.giou_loss_coef, lo.giou),
-            mask=pick(args.mask_loss_coef, lo.mask), dice=pick(args.dice_loss_coef, lo.dice),
-            eos_coef=pick(args.eos_coef, lo.eos_coef), aux_loss=pick(args.aux_loss, lo.aux_loss),
-        ),
-    )
-    return config.with_backbone(
-        name=pick(args.backbone, config.backbone.name),
-        dilation=pick(args.dilation, config.backbone.dilation),
-        norm=pick(args.backbone_norm, config.backbone.norm),
-        frozen_stages=pick(args.frozen_stages, config.backbone.frozen_stages),
-        trainable=args.lr_backbone > 0 if getattr(args, "lr_backbone", None) is not None else True,
-    )
+def model_config_from_args(args: argparse.Namespace, num_classes: int | None = None,
+                           base: DetrConfig | None = None) -> DetrConfig:
+    """``base`` (else the preset, else the paper's defaults) with every model flag the user gave applied."""
+    config = base or (preset(args.preset) if getattr(args, "preset", None) else DetrConfig())
+    changes: dict[str, dict[str, Any]] = {"": {}, "backbone": {}, "transformer": {}, "queries": {}, "matcher": {},
+                                          "loss": {}}
+    if num_classes is not None:
+        changes[""]["num_classes"] = num_classes
+    for flag, (section, name) in MODEL_FLAGS.items():
+        value = getattr(args, flag, None)
+        if value is not None:
+            changes[section][name] = value
+    if changes["backbone"].get("name") == "small":  # trained from scratch: a norm that learns, nothing frozen
+        changes["backbone"].setdefault("norm", "group_norm")
+        changes["backbone"].setdefault("frozen_stages", 0)
+    if getattr(args, "lr_backbone", None) is not None:
+        changes["backbone"]["trainable"] = args.lr_backbone > 0
+    sections = {name: dataclasses.replace(getattr(config, name), **fields)
+                for name, fields in changes.items() if name and fields}
+    return dataclasses.replace(config, **changes[""], **sections)
 
 
 def add_data_flags(p: argparse.ArgumentParser) -> None:
@@ -165,7 +213,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         lr_drop=args.lr_drop, clip_max_norm=args.clip_max_norm, seed=args.seed, num_workers=args.num_workers,
         device=args.device, amp=args.amp, resume=args.resume, pretrained=args.pretrained,
         frozen_weights=args.frozen_weights, train_scales=args.train_scales, max_size=args.max_size,
-        val_scale=args.val_scale, eval_every=args.eval_every, skip_bad_images=args.skip_bad_images,
+        val_scale=args.val_scale, eval_every=args.eval_every, skip_bad_images=args.skip_bad_images, ema=args.ema,
         progress=args.progress, augment=args.augment,
     )
     log.info("model: %s", json.dumps(config.to_dict()))
@@ -218,9 +266,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    result = run_demo(args.output_dir, epochs=args.epochs, seed=args.seed, num_workers=args.num_workers,
-                      progress=args.progress)
+    result = run_demo(args.output_dir, minutes=args.minutes, seed=args.seed, progress=args.progress)
     print(json.dumps(result))
+    print(f"held-out AP {result['AP']:.3f}, AP50 {result['AP50']:.3f} after {result['train_seconds']:.0f} s of "
+          f"training ({result['images']} images); drawings in {Path(args.output_dir) / 'predictions'}")
     return 0
 
 
@@ -263,6 +312,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--frozen_weights", default=None, help="panoptic stage 2: frozen detector weights")
     g.add_argument("--eval", action="store_true", help="only evaluate --resume on the val split")
     g.add_argument("--eval_every", type=int, default=1)
+    g.add_argument("--ema", type=float, default=None, metavar="DECAY",
+                   help="keep an exponential moving average of the weights (e.g. 0.9998): evaluated, and saved "
+                        "as model_ema.safetensors beside the raw weights")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="COCO AP of a checkpoint on a val split")
@@ -279,11 +331,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_panoptic_eval_flags(p)
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("demo", help="generate shapes, train a small DETR on CPU, evaluate, draw predictions")
+    p = sub.add_parser("demo", help="train a detector from scratch on shapes rendered on the fly, evaluate, draw")
     p.add_argument("--output_dir", default="outputs/demo")
-    p.add_argument("--epochs", type=int, default=None, help="override the tuned schedule's epoch count")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--num_workers", type=int, default=1)
+    p.add_argument("--minutes", type=float, default=None, help="training time budget (default: the demo's 9)")
+    p.add_argument("--seed", type=int, default=0, help="model initialization and training images")
     p.add_argument("--no_progress", dest="progress", action="store_false")
     p.set_defaults(func=cmd_demo)
 

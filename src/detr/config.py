@@ -11,9 +11,16 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101")
+RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101")
+BACKBONES = (*RESNETS, "small")
 POSITION_EMBEDDINGS = ("sine", "learned")
 BACKBONE_NORMS = ("frozen_bn", "group_norm")
+# Where positional encodings enter the transformer (the paper's Table 3): added to queries and keys of
+# every attention (DETR), once to the input only, or not at all.
+SPATIAL_POSITIONS = ("attention", "input", "none")
+QUERY_POSITIONS = ("attention", "input")
+PROPOSAL_LOSSES = ("focal", "ce")
+PRESETS = ("r50", "r50-dc5", "r101", "r101-dc5", "panoptic", "shapes-small", "shapes-fast")
 
 
 @dataclass(frozen=True)
@@ -26,6 +33,11 @@ class BackboneConfig:
     norm: str = "frozen_bn"
     # Leading stages that never train: 1 = stem + layer1 (the reference), 0 = everything trains.
     frozen_stages: int = 1
+    # name="small" only: a plain GroupNorm CNN for training from scratch. Stage i halves the resolution
+    # with a strided 3x3 convolution to widths[i] channels, then adds depths[i] more 3x3 convolutions;
+    # the output stride is 2 ** len(widths) (3, 4, 5 stages: stride 8, 16, 32).
+    widths: tuple[int, ...] = (32, 64, 128)
+    depths: tuple[int, ...] = (0, 1, 2)
 
     def __post_init__(self) -> None:
         if self.name not in BACKBONES:
@@ -34,6 +46,28 @@ class BackboneConfig:
             raise ValueError(f"backbone.norm must be one of {BACKBONE_NORMS}, got {self.norm!r}")
         if not 0 <= self.frozen_stages <= 4:
             raise ValueError(f"backbone.frozen_stages must be in 0..4, got {self.frozen_stages}")
+        # JSON round trips turn tuples into lists
+        object.__setattr__(self, "widths", tuple(int(w) for w in self.widths))
+        object.__setattr__(self, "depths", tuple(int(d) for d in self.depths))
+        if self.name == "small":
+            if self.norm != "group_norm" or self.frozen_stages != 0 or self.dilation:
+                raise ValueError(
+                    "backbone 'small' trains from scratch with GroupNorm: it needs norm='group_norm', "
+                    "frozen_stages=0 and no dilation (flags: --backbone_norm group_norm --frozen_stages 0)"
+                )
+            if len(self.widths) not in (3, 4, 5) or len(self.depths) != len(self.widths):
+                raise ValueError(
+                    f"backbone 'small': widths and depths need 3, 4 or 5 entries each (output stride 8, 16, 32), "
+                    f"got widths {self.widths} and depths {self.depths}"
+                )
+            if any(w < 4 for w in self.widths) or any(d < 0 for d in self.depths):
+                raise ValueError(f"backbone 'small': widths must be >= 4 and depths >= 0, got {self}")
+
+    @property
+    def output_stride(self) -> int:
+        if self.name == "small":
+            return 2 ** len(self.widths)
+        return 16 if self.dilation else 32
 
 
 @dataclass(frozen=True)
@@ -45,12 +79,63 @@ class TransformerConfig:
     dim_feedforward: int = 2048
     dropout: float = 0.1
     pre_norm: bool = False
+    # The paper's ablations (Sec. 4.2). dim_feedforward = 0 removes the feed-forward networks (Table 4).
+    spatial_pos: str = "attention"  # image positions: "attention" (every attention), "input" (once), "none"
+    query_pos: str = "attention"  # learned query positions: "attention" (every decoder layer) or "input" (once)
 
     def __post_init__(self) -> None:
         if self.hidden_dim % self.nheads:
             raise ValueError(f"hidden_dim ({self.hidden_dim}) must be divisible by nheads ({self.nheads})")
         if self.dec_layers < 1:
             raise ValueError("dec_layers must be >= 1")
+        if self.dim_feedforward < 0:
+            raise ValueError(f"dim_feedforward must be >= 0 (0: no feed-forward network), got {self.dim_feedforward}")
+        if self.spatial_pos not in SPATIAL_POSITIONS:
+            raise ValueError(f"spatial_pos must be one of {SPATIAL_POSITIONS}, got {self.spatial_pos!r}")
+        if self.query_pos not in QUERY_POSITIONS:
+            raise ValueError(f"query_pos must be one of {QUERY_POSITIONS}, got {self.query_pos!r}")
+
+
+@dataclass(frozen=True)
+class QueryConfig:
+    """What the decoder's queries are, and the extra query sets that only training sees.
+
+    Vanilla DETR (all defaults): Q learned positional embeddings, content starting from zeros, boxes
+    predicted from scratch by every decoder layer.
+    """
+
+    # Anchor-box queries (DAB-DETR) with iterative refinement (Deformable DETR): each query owns a
+    # reference box; its positional query is an MLP of the box's sine embedding, and each decoder layer
+    # predicts a delta in logit space: box_l = sigmoid(delta_l + logit(box_{l-1})), detached between layers.
+    anchors: bool = False
+    # Two-stage query selection (Deformable DETR two-stage, DINO's mixed selection): a class and a box head
+    # on every encoder token; the top-Q proposals by objectness become the reference boxes (content stays
+    # learned). Needs anchors.
+    two_stage: bool = False
+    # Initial width and height (normalized) of the learned anchors and of each encoder cell's proposal.
+    anchor_size: float = 0.1
+    # Denoising training (DN-DETR): noised ground-truth boxes and labels as extra query groups, isolated by
+    # an attention mask, trained to reconstruct the truth. Training only; needs anchors.
+    denoising_groups: int = 0
+    label_noise: float = 0.5  # fraction of denoising labels flipped to a random class
+    box_noise: float = 0.4  # centres move up to box_noise * w/2 (h/2); sizes scale by 1 +- box_noise
+    # One-to-many supervision (Group DETR): groups - 1 extra sets of Q queries, each matched to the targets
+    # on its own and blind to the others in self-attention. Training only: inference uses the first Q.
+    groups: int = 1
+
+    def __post_init__(self) -> None:
+        if self.two_stage and not self.anchors:
+            raise ValueError("two_stage needs anchor-box queries: the proposals become reference boxes "
+                             "(queries.anchors=True, flag --anchor_queries)")
+        if self.denoising_groups and not self.anchors:
+            raise ValueError("denoising needs anchor-box queries: noised boxes enter as reference boxes "
+                             "(queries.anchors=True, flag --anchor_queries)")
+        if self.denoising_groups < 0 or self.groups < 1:
+            raise ValueError(f"need denoising_groups >= 0 and groups >= 1, got {self.denoising_groups}, {self.groups}")
+        if not 0 <= self.label_noise <= 1 or not 0 <= self.box_noise <= 1:
+            raise ValueError(f"label_noise and box_noise must be in [0, 1], got {self.label_noise}, {self.box_noise}")
+        if not 0 < self.anchor_size < 1:
+            raise ValueError(f"anchor_size must be in (0, 1), got {self.anchor_size}")
 
 
 @dataclass(frozen=True)
@@ -69,6 +154,13 @@ class LossConfig:
     dice: float = 1.0
     eos_coef: float = 0.1  # weight of the "no object" class in the classification loss
     aux_loss: bool = True
+    # Class loss of the two-stage encoder proposals: sigmoid focal loss (Deformable DETR), or DETR's
+    # weighted cross-entropy, whose mean over hundreds of token slots leaves the positives little weight.
+    proposal_loss: str = "focal"
+
+    def __post_init__(self) -> None:
+        if self.proposal_loss not in PROPOSAL_LOSSES:
+            raise ValueError(f"proposal_loss must be one of {PROPOSAL_LOSSES}, got {self.proposal_loss!r}")
 
 
 @dataclass(frozen=True)
@@ -79,6 +171,7 @@ class DetrConfig:
     masks: bool = False  # panoptic variant: attention-map mask head on top of the detector
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     transformer: TransformerConfig = field(default_factory=TransformerConfig)
+    queries: QueryConfig = field(default_factory=QueryConfig)
     matcher: MatcherConfig = field(default_factory=MatcherConfig)
     loss: LossConfig = field(default_factory=LossConfig)
 
@@ -92,6 +185,14 @@ class DetrConfig:
         if self.masks and self.transformer.hidden_dim % 128:
             # the mask head narrows to hidden_dim / 16 channels under GroupNorm(8)
             raise ValueError(f"masks=True needs hidden_dim divisible by 128, got {self.transformer.hidden_dim}")
+        if self.masks and self.backbone.name == "small":
+            raise ValueError("masks=True needs a ResNet backbone: the mask head upsamples with its stages 1-3")
+        if self.queries.anchors and self.transformer.query_pos != "attention":
+            raise ValueError("query_pos='input' is for learned queries: anchor-box queries recompute their "
+                             "positional query from the refined box at every decoder layer")
+        if self.queries.anchors and self.transformer.hidden_dim % 4:
+            raise ValueError(f"anchor-box queries embed 4 box coordinates: hidden_dim must be divisible by 4, "
+                             f"got {self.transformer.hidden_dim}")
 
     # --- serialization ---------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -102,6 +203,7 @@ class DetrConfig:
         parts = {
             "backbone": BackboneConfig,
             "transformer": TransformerConfig,
+            "queries": QueryConfig,
             "matcher": MatcherConfig,
             "loss": LossConfig,
         }
@@ -129,6 +231,19 @@ class DetrConfig:
 
     def with_transformer(self, **changes: Any) -> DetrConfig:
         return dataclasses.replace(self, transformer=dataclasses.replace(self.transformer, **changes))
+
+    def with_queries(self, **changes: Any) -> DetrConfig:
+        return dataclasses.replace(self, queries=dataclasses.replace(self.queries, **changes))
+
+    def with_loss(self, **changes: Any) -> DetrConfig:
+        return dataclasses.replace(self, loss=dataclasses.replace(self.loss, **changes))
+
+    @property
+    def is_vanilla(self) -> bool:
+        """True for the reference's architecture (what its checkpoints and parity tests cover)."""
+        t = self.transformer
+        return (self.queries == QueryConfig() and self.backbone.name != "small" and t.dim_feedforward > 0
+                and t.spatial_pos == "attention" and t.query_pos == "attention")
 
 
 # --- the reference's argparse namespace ----------------------------------------------------
@@ -194,7 +309,14 @@ def from_reference_args(args: Any, num_classes: int | None = None) -> DetrConfig
 
 
 def to_reference_args(config: DetrConfig) -> dict[str, Any]:
-    """The reference's argument names and values for ``config`` (a plain dict)."""
+    """The reference's argument names and values for ``config`` (a plain dict).
+
+    Raises ValueError for a configuration the reference cannot build (the convergence options, the small
+    backbone, the ablations): its checkpoints would load as another model.
+    """
+    if not config.is_vanilla:
+        raise ValueError("the reference implementation has no flags for this configuration (convergence options, "
+                         "the small backbone or a transformer ablation); keep it in our .safetensors format")
     t, b = config.transformer, config.backbone
     return {
         "backbone": b.name,
@@ -227,7 +349,8 @@ def to_reference_args(config: DetrConfig) -> dict[str, Any]:
 # --- presets -------------------------------------------------------------------------------
 
 def preset(name: str, **overrides: Any) -> DetrConfig:
-    """Named configurations: r50, r50-dc5, r101, r101-dc5, panoptic (R50), shapes-small (CPU demo)."""
+    """Named configurations: r50, r50-dc5, r101, r101-dc5, panoptic (R50); shapes-small (a GroupNorm
+    ResNet-18 DETR for CPU experiments) and shapes-fast (the demo's: DETR with the convergence options)."""
     presets: dict[str, DetrConfig] = {
         "r50": DetrConfig(),
         "r50-dc5": DetrConfig(backbone=BackboneConfig(dilation=True)),
@@ -242,6 +365,15 @@ def preset(name: str, **overrides: Any) -> DetrConfig:
             transformer=TransformerConfig(
                 hidden_dim=128, nheads=8, enc_layers=2, dec_layers=2, dim_feedforward=256, dropout=0.0
             ),
+        ),
+        "shapes-fast": DetrConfig(
+            num_classes=4,
+            num_queries=20,
+            backbone=BackboneConfig(name="small", norm="group_norm", frozen_stages=0),
+            transformer=TransformerConfig(
+                hidden_dim=128, nheads=8, enc_layers=2, dec_layers=3, dim_feedforward=256, dropout=0.0
+            ),
+            queries=QueryConfig(anchors=True, two_stage=True, anchor_size=0.3),
         ),
     }
     if name not in presets:

@@ -14,6 +14,10 @@ extremes and area from pycocotools' rasterization of the polygon.
 
 Generation is a pure function of the parameters: sample ``i`` of a split uses its own numpy
 generator seeded with (seed, split, i), and files are bit-identical across runs.
+
+``ShapesStream`` renders training samples on the fly instead, straight into model inputs: sample ``i``
+of the stream is image ``i`` of the train split, so a run that takes batches at increasing indices
+never sees the same image twice, and every run with the same seed sees the same images.
 """
 
 from __future__ import annotations
@@ -26,8 +30,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image, ImageDraw
 from pycocotools import mask as mask_utils
+
+from detr.boxes import xyxy_to_cxcywh
+from detr.data.batch import DetectionBatch, collate_detection
+from detr.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 SHAPES_CATEGORIES = (
     {"id": 1, "name": "rectangle", "supercategory": "shape"},
@@ -138,6 +147,39 @@ def _render(params: ShapesParams, split: str, index: int) -> tuple[np.ndarray, l
     return np.clip(np.rint(noisy), 0, 255).astype(np.uint8), objects
 
 
+def _bbox_xyxy(polygon: np.ndarray) -> list[float]:
+    """The box of a shape: its polygon's extremes."""
+    (x_min, y_min), (x_max, y_max) = polygon.min(axis=0).tolist(), polygon.max(axis=0).tolist()
+    return [x_min, y_min, x_max, y_max]
+
+
+class ShapesStream:
+    """Training samples rendered on demand: ``batch(first, count)`` -> a ``DetectionBatch`` of images
+    ``first .. first + count - 1`` of the train split, normalized as the COCO pipeline does."""
+
+    def __init__(self, params: ShapesParams) -> None:
+        self.params = params
+        size = params.image_size
+        self._mean = np.asarray(IMAGENET_MEAN, dtype=np.float32) * 255
+        self._scale = 1 / (np.asarray(IMAGENET_STD, dtype=np.float32) * 255)
+        self._box_scale = torch.tensor([size, size, size, size], dtype=torch.float32)
+
+    def sample(self, index: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(image [3, S, S] normalized, target with ``boxes`` normalized cxcywh and ``labels``)."""
+        pixels, objects = _render(self.params, "train", index)
+        image = torch.from_numpy(((pixels.astype(np.float32) - self._mean) * self._scale).transpose(2, 0, 1).copy())
+        size = self.params.image_size
+        boxes = torch.tensor([_bbox_xyxy(o["polygon"]) for o in objects], dtype=torch.float32).reshape(-1, 4)
+        boxes = xyxy_to_cxcywh(boxes.clamp(0, size)) / self._box_scale
+        labels = torch.tensor([o["category_id"] for o in objects], dtype=torch.int64)
+        sizes = torch.tensor([size, size])
+        return image, {"boxes": boxes, "labels": labels, "image_id": torch.tensor([index]), "orig_size": sizes,
+                       "size": sizes}
+
+    def batch(self, first: int, count: int) -> DetectionBatch:
+        return collate_detection([self.sample(first + i) for i in range(count)])
+
+
 def _write_split(root: Path, params: ShapesParams, split: str, count: int) -> None:
     image_dir = root / f"{split}2017"
     image_dir.mkdir(parents=True, exist_ok=True)
@@ -153,7 +195,7 @@ def _write_split(root: Path, params: ShapesParams, split: str, count: int) -> No
         for obj in objects:
             polygon = obj["polygon"]
             flat = [float(v) for v in polygon.reshape(-1)]
-            (x_min, y_min), (x_max, y_max) = polygon.min(axis=0).tolist(), polygon.max(axis=0).tolist()
+            x_min, y_min, x_max, y_max = _bbox_xyxy(polygon)
             bbox = [x_min, y_min, round(x_max - x_min, 2), round(y_max - y_min, 2)]  # xywh
             area = float(mask_utils.area(mask_utils.frPyObjects([flat], size, size))[0])
             annotations.append(

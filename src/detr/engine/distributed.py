@@ -44,6 +44,23 @@ def init_distributed(device: str) -> DistInfo:
     return DistInfo(rank, world, local_rank, backend)
 
 
+def current() -> DistInfo:
+    """The process group this process is in (one process: the default DistInfo)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return DistInfo()
+    return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)), dist.get_backend())
+
+
+def broadcast_float(value: float) -> float:
+    """Rank 0's value on every process (the value itself for one process)."""
+    if world_size() == 1:
+        return value
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+    tensor = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.broadcast(tensor, src=0)
+    return float(tensor.item())
+
+
 def world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 

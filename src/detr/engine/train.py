@@ -26,15 +26,16 @@ from torch.utils.data.distributed import DistributedSampler
 
 from ..checkpoint import CheckpointError, atomic_write, load_weights, read_checkpoint, save_checkpoint
 from ..config import DetrConfig
-from ..data.batch import collate_detection
+from ..data.batch import DetectionBatch, collate_detection
 from ..data.coco import CocoDetection, build_coco
 from ..data.panoptic import CocoPanoptic, coco_panoptic_paths
 from ..data.transforms import make_coco_transforms
-from ..loss import HungarianMatcher, SetCriterion
+from ..loss import SetCriterion
 from ..model.detr import build_detr
 from ..model.segmentation import DETRsegm
 from ..runtime import amp_dtype
 from . import distributed as dist_utils
+from .ema import ModelEMA
 from .optim import build_optimizer, build_scheduler
 
 log = logging.getLogger(__name__)
@@ -77,6 +78,7 @@ class TrainOptions:
     skip_bad_images: bool = False
     progress: bool = True
     augment: bool = True  # False: training images get the evaluation resize only (no flip, crop, scales)
+    ema: float | None = None  # decay of an exponential moving average of the weights, evaluated and saved
     class_names: dict[int, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -184,7 +186,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save_training_checkpoint(path: Path, model: nn.Module, optimizer, scheduler, epoch: int,
-                             options: TrainOptions) -> None:
+                             options: TrainOptions, ema: ModelEMA | None = None) -> None:
     model = _unwrap(model)
     blob = {
         "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
@@ -196,6 +198,8 @@ def save_training_checkpoint(path: Path, model: nn.Module, optimizer, scheduler,
         "rng": rng_state(),
         "options": json.dumps(options.to_dict()),
     }
+    if ema is not None:
+        blob["ema"] = ema.state_dict()
     atomic_write(path, lambda tmp: torch.save(blob, tmp))
 
 
@@ -226,23 +230,55 @@ def _reduced_terms(result, names: list[str]) -> dict[str, float]:
     return {"loss": stacked[0], **dict(zip(names, stacked[1:], strict=True))}
 
 
+@dataclass
+class Stepper:
+    """Everything one optimization step needs (shared by the epoch loop and the stream trainer)."""
+
+    model: nn.Module  # possibly DDP-wrapped
+    criterion: SetCriterion
+    optimizer: torch.optim.Optimizer
+    device: torch.device
+    clip_max_norm: float = 0.1
+    amp_dtype: torch.dtype | None = None
+    scaler: torch.amp.GradScaler | None = None
+    ema: ModelEMA | None = None
+
+    def step(self, batch: DetectionBatch, where: str) -> dict[str, float]:
+        """Forward, loss, backward, clip, update (and the EMA); returns the loss terms and metrics averaged
+        over processes. ``where`` names the step in the error raised when the loss is not finite."""
+        batch = batch.to(self.device, non_blocking=True)
+        amp = self.amp_dtype
+        with torch.autocast(self.device.type, dtype=amp or torch.float32, enabled=amp is not None):
+            outputs = self.model(batch.images, batch.targets)  # targets: denoising queries are built from them
+        result = self.criterion(outputs, batch.targets)  # matching and losses run in fp32
+        names = sorted(result.terms) + sorted(result.metrics)
+        stats = _reduced_terms(result, names)
+        if not math.isfinite(stats["loss"]):
+            bad = {k: v for k, v in stats.items() if not math.isfinite(v)}
+            raise NonFiniteLossError(f"loss is {stats['loss']} at {where} (non-finite: {bad})")
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            self.scaler.scale(result.total).backward()
+            self.scaler.unscale_(self.optimizer)
+        else:
+            result.total.backward()
+        if self.clip_max_norm > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip_max_norm)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        if self.ema is not None:
+            self.ema.update(_unwrap(self.model))
+        return stats
+
+
 def train_one_epoch(
-    model: nn.Module,
-    criterion: SetCriterion,
-    loader: Iterable,
-    optimizer: torch.optim.Optimizer,
-    *,
-    device: torch.device,
-    epoch: int,
-    clip_max_norm: float,
-    amp_dtype: torch.dtype | None,
-    scaler: torch.amp.GradScaler | None,
-    log_file: JsonLog,
-    progress: bool,
-    step_offset: int = 0,
+    stepper: Stepper, loader: Iterable, *, epoch: int, log_file: JsonLog, progress: bool, step_offset: int = 0,
 ) -> dict[str, float]:
-    model.train()
-    criterion.train()
+    stepper.model.train()
+    stepper.criterion.train()
     sums: dict[str, float] = {}
     count, skipped, images_seen = 0, 0, 0
     start = time.perf_counter()
@@ -255,35 +291,14 @@ def train_one_epoch(
         skipped += batch.skipped
         if batch.images is None:
             continue
-        batch = batch.to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            outputs = model(batch.images)
-        result = criterion(outputs, batch.targets)  # matching and losses run in fp32
-        names = sorted(result.terms) + sorted(result.metrics)
-        stats = _reduced_terms(result, names)
-        if not math.isfinite(stats["loss"]):
-            bad = {k: v for k, v in stats.items() if not math.isfinite(v)}
-            raise NonFiniteLossError(f"loss is {stats['loss']} at epoch {epoch}, step {step} (non-finite: {bad})")
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(result.total).backward()
-            scaler.unscale_(optimizer)
-        else:
-            result.total.backward()
-        if clip_max_norm > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), clip_max_norm)
-        if scaler is not None:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
+        stats = stepper.step(batch, f"epoch {epoch}, step {step}")
         images_seen += len(batch.targets)
         count += 1
         for k, v in stats.items():
             sums[k] = sums.get(k, 0.0) + v
         elapsed = time.perf_counter() - start
         log_file.write({"type": "step", "epoch": epoch, "step": step_offset + step,
-                        "lr": optimizer.param_groups[0]["lr"], "images_per_s": images_seen / elapsed, **stats})
+                        "lr": stepper.optimizer.param_groups[0]["lr"], "images_per_s": images_seen / elapsed, **stats})
         if bar is not None:
             bar.set_postfix(loss=f"{stats['loss']:.3f}", img_s=f"{images_seen / elapsed:.1f}")
             bar.update(1)
@@ -293,15 +308,6 @@ def train_one_epoch(
     averages["seconds"] = time.perf_counter() - start
     averages["skipped_images"] = skipped
     return averages
-
-
-def build_criterion(config: DetrConfig) -> SetCriterion:
-    return SetCriterion(
-        num_classes=config.num_classes,
-        matcher=HungarianMatcher.from_config(config.matcher),
-        loss=config.loss,
-        masks=config.masks,
-    )
 
 
 def train(model_config: DetrConfig, options: TrainOptions) -> dict[str, Any]:
@@ -347,8 +353,9 @@ def train(model_config: DetrConfig, options: TrainOptions) -> dict[str, Any]:
     optimizer = build_optimizer(model, lr=options.lr, lr_backbone=options.lr_backbone,
                                 weight_decay=options.weight_decay)
     scheduler = build_scheduler(optimizer, options.lr_drop)
-    criterion = build_criterion(model_config).to(device)
+    criterion = SetCriterion.from_config(model_config).to(device)
     scaler = torch.amp.GradScaler("cuda") if autocast_dtype == torch.float16 else None
+    ema = ModelEMA(model, options.ema) if options.ema else None
 
     start_epoch = 0
     if options.resume:
@@ -362,11 +369,19 @@ def train(model_config: DetrConfig, options: TrainOptions) -> dict[str, Any]:
         start_epoch = int(ckpt.extra["epoch"]) + 1
         if "rng" in ckpt.extra and not info.enabled:
             set_rng_state(ckpt.extra["rng"])
+        if ema is not None:
+            if "ema" not in ckpt.extra:
+                raise CheckpointError(f"{options.resume} has no EMA weights: resume it without --ema")
+            ema.load_state_dict(ckpt.extra["ema"])
         log.info("resumed from %s at epoch %d", options.resume, start_epoch)
 
     train_model: nn.Module = model
     if info.enabled:
-        train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        # Denoising queries exist only when a batch has objects: their label embedding may sit out a step.
+        train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                              find_unused_parameters=model_config.queries.denoising_groups > 0)
+    stepper = Stepper(train_model, criterion, optimizer, device, options.clip_max_norm, autocast_dtype, scaler, ema)
+    evaluated = ema.module if ema is not None else model  # what evaluation scores
 
     log_file = JsonLog(out_dir / "log.jsonl" if info.is_main else None)
     record: dict[str, Any] = {}
@@ -375,24 +390,25 @@ def train(model_config: DetrConfig, options: TrainOptions) -> dict[str, Any]:
             train_loader.sampler.set_epoch(epoch)  # type: ignore[union-attr]
             train_set.set_epoch(epoch)
             stats = train_one_epoch(
-                train_model, criterion, train_loader, optimizer, device=device, epoch=epoch,
-                clip_max_norm=options.clip_max_norm, amp_dtype=autocast_dtype, scaler=scaler, log_file=log_file,
-                progress=options.progress and info.is_main, step_offset=epoch * len(train_loader),
+                stepper, train_loader, epoch=epoch, log_file=log_file, progress=options.progress and info.is_main,
+                step_offset=epoch * len(train_loader),
             )
             scheduler.step()
             if info.is_main:
-                save_training_checkpoint(out_dir / "checkpoint.pth", model, optimizer, scheduler, epoch, options)
+                save_training_checkpoint(out_dir / "checkpoint.pth", model, optimizer, scheduler, epoch, options, ema)
             record = {"type": "epoch", "epoch": epoch, **{f"train_{k}": v for k, v in stats.items()}}
             last = epoch == options.epochs - 1
             if last or (options.eval_every and (epoch + 1) % options.eval_every == 0):
-                record.update(_evaluate(model, val_loader, val_set, device, autocast_dtype, options, info, out_dir,
-                                        instances))
+                record.update(_evaluate(evaluated, val_loader, val_set, device, autocast_dtype, options, info,
+                                        out_dir, instances))
             log_file.write(record)
             if info.is_main:
                 log.info("epoch %d: %s", epoch, _summary(record))
         if info.is_main:
-            save_checkpoint(model, out_dir / "model.safetensors",
-                            metadata={"class_names": {str(k): v for k, v in class_names.items()}})
+            names = {"class_names": {str(k): v for k, v in class_names.items()}}
+            save_checkpoint(model, out_dir / "model.safetensors", metadata=names)
+            if ema is not None:
+                save_checkpoint(ema.module, out_dir / "model_ema.safetensors", metadata=names)
     finally:
         log_file.close()
         dist_utils.barrier()

@@ -129,7 +129,7 @@ def attention_maps(
     with torch.inference_mode(), capture_attention(modules) as weights:
         # The model's own forward, split where it exposes the feature map size: forward = heads(features).
         features = model.forward_features([pixels])
-        outputs = model.heads(features.decoded)
+        outputs = model.heads(features)
     h, w = features.projected.shape[-2:]
     image_size = (pil.height, pil.width)
     result = postprocess_detections(outputs, [image_size])[0]
@@ -138,7 +138,7 @@ def attention_maps(
     decoder = weights["decoder"][0, keep].reshape(-1, h, w).float().cpu()  # [k, h, w]
 
     input_size = (int(pixels.shape[-2]), int(pixels.shape[-1]))
-    stride = 16 if model.config.backbone.dilation else 32
+    stride = model.config.backbone.output_stride
 
     def cell(point: tuple[float, float]) -> int:
         return _feature_cell(point, image_size, input_size, stride, (h, w))

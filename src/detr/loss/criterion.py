@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +27,9 @@ from torch import Tensor, nn
 from detr.boxes import cxcywh_to_xyxy, generalized_box_iou
 from detr.config import DetrConfig, LossConfig
 from detr.loss.matcher import HungarianMatcher, MatchIndices
+
+if TYPE_CHECKING:
+    from detr.model.denoising import DenoisingOutputs
 
 FOCAL_ALPHA = 0.25
 FOCAL_GAMMA = 2.0
@@ -54,17 +57,21 @@ class LossResult:
         return {name: term * self.weights[name] for name, term in self.terms.items()}
 
 
+def focal_terms(logits: Tensor, targets: Tensor) -> Tensor:
+    """Elementwise sigmoid focal loss (alpha 0.25, gamma 2) of logits vs {0, 1} targets of the same shape."""
+    prob = logits.sigmoid()
+    bce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
+    p_true = prob * targets + (1 - prob) * (1 - targets)  # probability given to the true label
+    alpha = FOCAL_ALPHA * targets + (1 - FOCAL_ALPHA) * (1 - targets)
+    return alpha * bce * (1 - p_true) ** FOCAL_GAMMA
+
+
 def sigmoid_focal_loss(mask_logits: Tensor, targets: Tensor, num_boxes: float) -> Tensor:
-    """Focal loss (alpha 0.25, gamma 2) of [M, P] logits vs {0, 1} targets.
+    """Focal loss of [M, P] mask logits vs {0, 1} targets.
 
     Averaged over the P pixels of each mask, then summed over the M masks and divided by ``num_boxes``.
     """
-    prob = mask_logits.sigmoid()
-    bce = F.binary_cross_entropy_with_logits(mask_logits, targets, reduction="none")  # [M, P]
-    p_true = prob * targets + (1 - prob) * (1 - targets)  # probability given to the true label
-    alpha = FOCAL_ALPHA * targets + (1 - FOCAL_ALPHA) * (1 - targets)
-    loss = alpha * bce * (1 - p_true) ** FOCAL_GAMMA
-    return loss.mean(dim=1).sum() / num_boxes
+    return focal_terms(mask_logits, targets).mean(dim=1).sum() / num_boxes
 
 
 def dice_loss(mask_logits: Tensor, targets: Tensor, num_boxes: float) -> Tensor:
@@ -222,6 +229,48 @@ class SetCriterion(nn.Module):
 
     # --- putting it together ---------------------------------------------------------------
 
+    def loss_proposal_labels(
+        self, proposals: Mapping[str, Any], targets: Sequence[Mapping[str, Tensor]], match: _Match, num_boxes: float
+    ) -> Tensor:
+        """Class loss of the encoder's proposals over their valid tokens. Focal (default): sigmoid focal loss
+        over the K classes, summed and divided by the number of boxes, so that the few matched tokens are not
+        drowned by hundreds of background ones as in a mean. ``ce``: the decoder's weighted cross-entropy."""
+        logits, valid = proposals["pred_logits"].float(), proposals["valid"]  # [B, N, K+1], [B, N]
+        matched_labels = torch.cat(
+            [t["labels"][j] for t, j in zip(targets, match.target_per_image, strict=True)]
+        ).to(logits.device)  # [M]
+        if self.loss_config.proposal_loss == "focal":
+            onehot = torch.zeros_like(logits[..., :-1])  # [B, N, K]: the no-object column is unused
+            onehot[match.batch, match.query, matched_labels] = 1
+            return (focal_terms(logits[..., :-1], onehot) * valid[..., None]).sum() / num_boxes
+        target_classes = torch.full(logits.shape[:2], self.num_classes, dtype=torch.int64, device=logits.device)
+        target_classes[match.batch, match.query] = matched_labels
+        weight = self.empty_weight.float()[target_classes] * valid  # [B, N]
+        per_token = F.cross_entropy(logits.transpose(1, 2), target_classes, reduction="none")  # [B, N]
+        return (per_token * weight).sum() / weight.sum().clamp(min=1e-6)
+
+    def denoising_terms(self, dn: DenoisingOutputs, num_boxes: float) -> list[tuple[str, str, Tensor]]:
+        """Reconstruction losses of the denoising queries, per layer: cross-entropy of the true label, and L1 /
+        1 - GIoU of the true box, divided by the number of boxes times the number of denoising groups.
+        Returns (term, suffix, value) triples: ("loss_ce", "_dn", ...) for the last layer, "_dn_{i}" for the others."""
+        q = dn.queries
+        valid = q.valid
+        labels, boxes = q.labels[valid], q.boxes[valid].float()  # [M], [M, 4]
+        layers = dn.pred_logits.shape[0]
+        supervised = range(layers) if self.loss_config.aux_loss else range(layers - 1, layers)
+        normalizer = num_boxes * q.groups
+        terms = []
+        for i in supervised:
+            suffix = "_dn" if i == layers - 1 else f"_dn_{i}"
+            pred = dn.pred_boxes[i][valid].float()  # [M, 4]
+            giou = torch.diag(generalized_box_iou(cxcywh_to_xyxy(pred), cxcywh_to_xyxy(boxes)))
+            terms += [
+                ("loss_ce", suffix, F.cross_entropy(dn.pred_logits[i][valid].float(), labels)),
+                ("loss_bbox", suffix, F.l1_loss(pred, boxes, reduction="none").sum() / normalizer),
+                ("loss_giou", suffix, (1 - giou).sum() / normalizer),
+            ]
+        return terms
+
     def forward(self, outputs: Mapping[str, Any], targets: Sequence[Mapping[str, Tensor]]) -> LossResult:
         logits = outputs["pred_logits"]
         if len(targets) != logits.shape[0]:
@@ -231,14 +280,19 @@ class SetCriterion(nn.Module):
         terms: dict[str, Tensor] = {}
         weights: dict[str, float] = {}
         metrics: dict[str, Tensor] = {}
+        term_weight = {"loss_ce": cfg.ce, "loss_bbox": cfg.bbox, "loss_giou": cfg.giou}
 
         def add(name: str, value: Tensor, weight: float) -> None:
             terms[name] = value
             weights[name] = float(weight)
 
-        layers: list[tuple[str, Mapping[str, Any]]] = [("", outputs)]
-        if cfg.aux_loss:
-            layers += [(f"_{i}", aux) for i, aux in enumerate(outputs.get("aux_outputs") or [])]
+        # One-to-one sets: the final layer, the auxiliary layers, and each extra Group DETR group likewise.
+        layers: list[tuple[str, Mapping[str, Any]]] = []
+        groups = [("", outputs)] + [(f"_g{g}", o) for g, o in enumerate(outputs.get("group_outputs") or [], 1)]
+        for prefix, group in groups:
+            layers.append((prefix, group))
+            if cfg.aux_loss:
+                layers += [(f"{prefix}_{i}", aux) for i, aux in enumerate(group.get("aux_outputs") or [])]
 
         final_indices: MatchIndices = []
         for suffix, layer in layers:
@@ -263,7 +317,23 @@ class SetCriterion(nn.Module):
 
             if is_final:  # the reference logs the class error of the last layer only
                 metrics["class_error"] = class_error.detach()
-            metrics[f"cardinality_error{suffix}"] = self.cardinality_error(layer["pred_logits"], targets)
+            if not suffix.startswith("_g"):
+                metrics[f"cardinality_error{suffix}"] = self.cardinality_error(layer["pred_logits"], targets)
+
+        proposals = outputs.get("enc_outputs")
+        if proposals is not None:  # two-stage: the encoder's proposals, matched over all valid tokens
+            focal = cfg.proposal_loss == "focal"
+            indices = self.matcher(proposals, targets, focal=focal, valid=proposals["valid"])
+            match = _Match.build(indices, proposals["pred_logits"].device)
+            add("loss_ce_enc", self.loss_proposal_labels(proposals, targets, match, num_boxes), cfg.ce)
+            loss_bbox, loss_giou = self.loss_boxes(proposals["pred_boxes"], targets, match, num_boxes)
+            add("loss_bbox_enc", loss_bbox, cfg.bbox)
+            add("loss_giou_enc", loss_giou, cfg.giou)
+
+        denoising = outputs.get("dn_outputs")
+        if denoising is not None:
+            for name, suffix, value in self.denoising_terms(denoising, num_boxes):
+                add(name + suffix, value, term_weight[name])
 
         total = sum(terms[name] * weights[name] for name in terms)
         assert isinstance(total, Tensor)

@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
@@ -21,6 +22,15 @@ from detr.boxes import cxcywh_to_xyxy, generalized_box_iou
 from detr.config import MatcherConfig
 
 MatchIndices = list[tuple[Tensor, Tensor]]
+UNMATCHABLE = 1e6  # the cost of a prediction slot that must not be matched
+
+
+def _focal_class_cost(logits: Tensor, alpha: float = 0.25, gamma: float = 2.0) -> Tensor:
+    """Per (prediction, target) logit of the target's class: focal loss as a positive minus as a negative."""
+    prob = logits.sigmoid()
+    positive = alpha * (1 - prob) ** gamma * -F.logsigmoid(logits)
+    negative = (1 - alpha) * prob**gamma * -F.logsigmoid(-logits)
+    return positive - negative
 
 
 class HungarianMatcher:
@@ -50,29 +60,44 @@ class HungarianMatcher:
         )
 
     @torch.no_grad()
-    def cost_matrix(self, outputs: Mapping[str, Any], targets: Sequence[Mapping[str, Tensor]]) -> Tensor:
+    def cost_matrix(
+        self, outputs: Mapping[str, Any], targets: Sequence[Mapping[str, Tensor]], *, focal: bool = False,
+        valid: Tensor | None = None,
+    ) -> Tensor:
         """Matching cost of every prediction of the batch against every target of the batch.
 
         Returns [B, Q, sum N_i] float32 on the predictions' device; the block [b, :, targets of image b]
         is image b's cost (other blocks are computed only because one batched pass is cheaper).
+        ``focal``: the class logits are trained with sigmoid focal loss (two-stage proposals), so the class
+        cost is the focal loss's gain from calling the prediction the target class (Deformable DETR).
+        ``valid`` [B, Q]: predictions that may be matched (False: padding tokens of the proposals).
         """
         logits = outputs["pred_logits"]
         batch_size, num_queries = logits.shape[:2]
         # Matching is a discrete decision: do it in fp32 even when the model runs in half precision.
-        probs = logits.flatten(0, 1).float().softmax(-1)  # [B*Q, K+1]
         boxes_cxcywh = outputs["pred_boxes"].flatten(0, 1).float()  # [B*Q, 4]
         target_labels = torch.cat([t["labels"] for t in targets]).to(logits.device)  # [sum N]
         target_cxcywh = torch.cat([t["boxes"] for t in targets]).to(logits.device, torch.float32)  # [sum N,4]
 
         cost_bbox = torch.cdist(boxes_cxcywh, target_cxcywh, p=1)  # [B*Q, sum N]
-        cost_class = -probs[:, target_labels]  # [B*Q, sum N]
+        if focal:
+            cost_class = _focal_class_cost(logits.flatten(0, 1).float()[:, target_labels])
+        else:
+            probs = logits.flatten(0, 1).float().softmax(-1)  # [B*Q, K+1]
+            cost_class = -probs[:, target_labels]  # [B*Q, sum N]
         cost_giou = -generalized_box_iou(cxcywh_to_xyxy(boxes_cxcywh), cxcywh_to_xyxy(target_cxcywh))
         # Summed in the reference's order (bbox, class, giou) so that ties break identically.
         cost = self.cost_bbox * cost_bbox + self.cost_class * cost_class + self.cost_giou * cost_giou
-        return cost.view(batch_size, num_queries, -1)  # [B, Q, sum N]
+        cost = cost.view(batch_size, num_queries, -1)  # [B, Q, sum N]
+        if valid is not None:  # finite, so that an image with fewer valid slots than targets still matches
+            cost = cost.masked_fill(~valid[..., None], UNMATCHABLE)
+        return cost
 
     @torch.no_grad()
-    def __call__(self, outputs: Mapping[str, Any], targets: Sequence[Mapping[str, Tensor]]) -> MatchIndices:
+    def __call__(
+        self, outputs: Mapping[str, Any], targets: Sequence[Mapping[str, Tensor]], *, focal: bool = False,
+        valid: Tensor | None = None,
+    ) -> MatchIndices:
         batch_size = outputs["pred_logits"].shape[0]
         if len(targets) != batch_size:
             raise ValueError(f"HungarianMatcher: {batch_size} predictions but {len(targets)} targets")
@@ -85,7 +110,7 @@ class HungarianMatcher:
         if sum(sizes) == 0:
             return [(empty, empty.clone()) for _ in range(batch_size)]
 
-        cost = self.cost_matrix(outputs, targets).cpu()  # the single device -> host transfer
+        cost = self.cost_matrix(outputs, targets, focal=focal, valid=valid).cpu()  # the one device -> host copy
         if not torch.isfinite(cost).all():
             raise ValueError(
                 "HungarianMatcher: the matching cost has NaN/inf entries; the predictions (pred_logits or "

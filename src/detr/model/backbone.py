@@ -195,6 +195,37 @@ class ResNet(nn.Module):
             raise ValueError(f"ResNet weights do not fit: missing {missing[:5]}, unexpected {unexpected[:5]}")
 
 
+class SmallConvNet(nn.Module):
+    """A plain GroupNorm CNN for training from scratch on small images (``BackboneConfig.name="small"``).
+
+    Stage i: a stride-2 3x3 convolution to ``widths[i]`` channels, then ``depths[i]`` stride-1 ones, each
+    followed by GroupNorm and ReLU. Output stride 2 ** len(widths). Cheap enough for a CPU, and unlike a
+    stride-32 ResNet on 128 px images (4x4 tokens) it leaves the encoder a real grid to attend over.
+    """
+
+    def __init__(self, widths: tuple[int, ...], depths: tuple[int, ...]) -> None:
+        super().__init__()
+        stages, cin = [], 3
+        for width, depth in zip(widths, depths, strict=True):
+            layers = [_conv3x3(cin, width, stride=2), GroupNorm32(width), nn.ReLU(inplace=True)]
+            for _ in range(depth):
+                layers += [_conv3x3(width, width), GroupNorm32(width), nn.ReLU(inplace=True)]
+            stages.append(nn.Sequential(*layers))
+            cin = width
+        self.stages = nn.ModuleList(stages)
+        self.stage_channels = list(widths)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward_stages(self, x: Tensor) -> list[Tensor]:
+        outputs = []
+        for stage in self.stages:
+            x = stage(x)
+            outputs.append(x)
+        return outputs
+
+
 _NORMS: dict[str, NormLayer] = {"frozen_bn": FrozenBatchNorm2d, "group_norm": GroupNorm32}
 _STAGE_PREFIXES = (("conv1", "bn1", "layer1"), ("layer2",), ("layer3",), ("layer4",))
 
@@ -210,7 +241,11 @@ class Backbone(nn.Module):
 
     def __init__(self, config: BackboneConfig, *, return_all_stages: bool = False) -> None:
         super().__init__()
-        self.body = ResNet(config.name, dilation=config.dilation, norm=_NORMS[config.norm])
+        self.body: ResNet | SmallConvNet
+        if config.name == "small":
+            self.body = SmallConvNet(config.widths, config.depths)
+        else:
+            self.body = ResNet(config.name, dilation=config.dilation, norm=_NORMS[config.norm])
         self.return_all_stages = return_all_stages
         self.num_channels = self.body.stage_channels[-1]
         frozen = tuple(p for stage in _STAGE_PREFIXES[: config.frozen_stages] for p in stage)

@@ -2,37 +2,38 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import torch.nn.functional as F
+import torch
 from torch import Tensor, nn
 
 from ..config import DetrConfig
 from ..data.batch import ImageBatch, as_image_batch
 from .backbone import Backbone
+from .denoising import DenoisingOutputs, DenoisingQueries, group_attention_mask, noised_queries
+from .mlp import MLP
 from .position import build_position_encoding
+from .proposals import EncoderProposals, Proposals
+from .queries import AnchorQueries
 from .transformer import Transformer
 
 Images = ImageBatch | Tensor | Sequence[Tensor]
+Targets = Sequence[Mapping[str, Tensor]]
 
 
-class MLP(nn.Module):
-    """A plain multi-layer perceptron with ReLU between layers (the box head has 3 layers)."""
+@dataclass
+class TrainingQueries:
+    """What the training-only queries decoded: the extra Group DETR groups and the denoising queries.
 
-    def __init__(self, input_dim: int, hidden_dim: int, output_dim: int, num_layers: int) -> None:
-        super().__init__()
-        dims_in = [input_dim] + [hidden_dim] * (num_layers - 1)
-        dims_out = [hidden_dim] * (num_layers - 1) + [output_dim]
-        self.layers = nn.ModuleList(nn.Linear(i, o) for i, o in zip(dims_in, dims_out, strict=True))
+    decoded / boxes: [L, B, T, C] / [L, B, T, 4] for the denoising queries followed by the extra groups.
+    """
 
-    def forward(self, x: Tensor) -> Tensor:
-        for i, layer in enumerate(self.layers):
-            x = layer(x)
-            if i < len(self.layers) - 1:
-                x = F.relu(x)
-        return x
+    decoded: Tensor
+    boxes: Tensor | None
+    denoising: DenoisingQueries | None
+    extra_groups: int
 
 
 @dataclass
@@ -42,8 +43,11 @@ class DetrFeatures:
     stages: list[Tensor]  # backbone outputs: the last stage, or stages 1-4 for the mask head
     masks: list[Tensor]  # padding mask at each stage's resolution, [B, h, w]
     projected: Tensor  # input_proj of the last stage, [B, C, h, w]
-    decoded: Tensor  # every decoder layer's normalized output, [L, B, Q, C]
+    decoded: Tensor  # every decoder layer's normalized output for the Q queries, [L, B, Q, C]
     memory: Tensor  # encoder output, [B, C, h, w]
+    boxes: Tensor | None = None  # anchor-box queries: every layer's refined boxes, [L, B, Q, 4]
+    proposals: Proposals | None = None  # two-stage: the encoder's proposals
+    training_queries: TrainingQueries | None = None
 
 
 class DETR(nn.Module):
@@ -52,37 +56,110 @@ class DETR(nn.Module):
 
     ``images`` is an ImageBatch, a list of normalized CHW tensors (padded here) or a [B, 3, H, W]
     tensor. Boxes are normalized (cx, cy, w, h) relative to each image's unpadded size.
+
+    The convergence options of ``config.queries`` add, in training, typed entries the criterion scores:
+    ``enc_outputs`` (two-stage proposals, also at inference), ``group_outputs`` (Group DETR: a list of
+    output dicts like the main one) and ``dn_outputs`` (denoising; ``forward(images, targets)``).
     """
 
     def __init__(self, config: DetrConfig) -> None:
         super().__init__()
         self.config = config
-        hidden = config.transformer.hidden_dim
+        hidden, q = config.transformer.hidden_dim, config.queries
         self.backbone = Backbone(config.backbone, return_all_stages=config.masks)
         self.position = build_position_encoding(config.position_embedding, hidden)
         self.transformer = Transformer(config.transformer)
         self.input_proj = nn.Conv2d(self.backbone.num_channels, hidden, kernel_size=1)
-        self.query_embed = nn.Embedding(config.num_queries, hidden)
+        all_queries = config.num_queries * q.groups  # inference uses the first num_queries
+        self.query_embed: nn.Embedding | None = None
+        self.anchor_queries: AnchorQueries | None = None
+        if q.anchors:
+            self.anchor_queries = AnchorQueries(
+                num_queries=all_queries, hidden_dim=hidden, num_layers=config.transformer.dec_layers,
+                learned_anchors=not q.two_stage, learned_content=q.two_stage, anchor_size=q.anchor_size,
+            )
+        else:
+            self.query_embed = nn.Embedding(all_queries, hidden)
         self.class_embed = nn.Linear(hidden, config.num_classes + 1)
-        self.bbox_embed = MLP(hidden, hidden, 4, 3)
+        self.bbox_embed = None if q.anchors else MLP(hidden, hidden, 4, 3)  # anchors: per-layer heads
+        self.proposals: EncoderProposals | None = None
+        if q.two_stage:
+            self.proposals = EncoderProposals(hidden_dim=hidden, num_classes=config.num_classes,
+                                              cell_size=q.anchor_size, focal=config.loss.proposal_loss == "focal")
+        self.label_embedding = nn.Embedding(config.num_classes + 1, hidden) if q.denoising_groups else None
         self.aux_loss = config.loss.aux_loss
 
     @property
     def num_queries(self) -> int:
-        return self.query_embed.num_embeddings
+        return self.config.num_queries
 
-    def forward_features(self, images: Images) -> DetrFeatures:
+    def forward_features(self, images: Images, targets: Targets | None = None) -> DetrFeatures:
         batch = as_image_batch(images)
         stages, masks = self.backbone(batch.pixels, batch.padding_mask)  # last: [B, 2048, H/32, W/32]
         pos = self.position(masks[-1]).to(stages[-1].dtype)  # [B, C, H/32, W/32]
         projected = self.input_proj(stages[-1])
-        decoded, memory = self.transformer(projected, masks[-1], self.query_embed.weight, pos)
-        return DetrFeatures(stages, masks, projected, decoded, memory)
+        memory, pos_seq = self.transformer.encode(projected, masks[-1], pos)  # [B, HW, C]
+        queries = self._queries(memory, masks[-1], targets)
+        decoded, boxes = self.transformer.decoder(
+            queries.content, memory, masks[-1].flatten(1), pos_seq, queries.position,
+            self_attn_mask=queries.attn_mask, refiner=self.anchor_queries, reference=queries.reference,
+        )
+        b, c, h, w = projected.shape
+        memory_map = memory.transpose(1, 2).reshape(b, c, h, w)
+        features = DetrFeatures(stages, masks, projected, decoded, memory_map, boxes, queries.proposals)
+        extra = decoded.shape[2] - self.num_queries
+        if extra:  # training-only queries: denoising first, then the main group, then the extra groups
+            dn = queries.denoising.size if queries.denoising is not None else 0
+            main = slice(dn, dn + self.num_queries)
+            rest = torch.cat([decoded[:, :, :dn], decoded[:, :, main.stop:]], dim=2)
+            rest_boxes = None if boxes is None else torch.cat([boxes[:, :, :dn], boxes[:, :, main.stop:]], dim=2)
+            features.decoded = decoded[:, :, main]
+            features.boxes = None if boxes is None else boxes[:, :, main]
+            groups = (extra - dn) // self.num_queries
+            features.training_queries = TrainingQueries(rest, rest_boxes, queries.denoising, groups)
+        return features
 
-    def heads(self, decoded: Tensor) -> dict[str, Any]:
-        """decoded [L, B, Q, C] -> the output dict (final layer + auxiliary layers)."""
-        logits = self.class_embed(decoded)  # [L, B, Q, K+1]
-        boxes = self.bbox_embed(decoded).sigmoid()  # [L, B, Q, 4]
+    def _queries(self, memory: Tensor, padding_mask: Tensor, targets: Targets | None) -> DecoderQueries:
+        """The decoder's queries: content [B, T, C], positional queries or reference boxes, and in
+        training the extra groups and denoising queries with the self-attention mask isolating them."""
+        q = self.config.queries
+        b, num = memory.shape[0], self.num_queries
+        groups = q.groups if self.training else 1
+        if self.anchor_queries is None:
+            assert self.query_embed is not None
+            query_pos = self.query_embed.weight[: num * groups][None].expand(b, -1, -1)  # [B, G*Q, C]
+            content: Tensor = torch.zeros_like(query_pos)  # the decoder starts from zeros
+            position: Tensor | None = query_pos
+            if self.config.transformer.query_pos == "input":  # ... or from the queries, added once
+                content, position = query_pos, None
+            return DecoderQueries(content, position, None, self._group_mask([num] * groups, 0, memory))
+        content, reference = self.anchor_queries.initial(b, num * groups, memory)
+        proposals = None
+        if self.proposals is not None:
+            proposals = self.proposals(memory, padding_mask)
+            reference = self.proposals.select(proposals, num).repeat(1, groups, 1)  # [B, G*Q, 4]
+        assert reference is not None
+        denoising = None
+        if self.training and self.label_embedding is not None and targets is not None:
+            denoising = noised_queries(
+                targets, groups=q.denoising_groups, num_classes=self.config.num_classes, label_noise=q.label_noise,
+                box_noise=q.box_noise, label_embedding=self.label_embedding,
+            )
+        sizes = [num] * groups
+        if denoising is not None:
+            content = torch.cat([denoising.content.to(content.dtype), content], dim=1)
+            reference = torch.cat([denoising.reference, reference], dim=1)
+            sizes = [denoising.size // q.denoising_groups] * q.denoising_groups + sizes
+        dn_groups = q.denoising_groups if denoising is not None else 0
+        attn_mask = self._group_mask(sizes, dn_groups, memory)
+        return DecoderQueries(content, None, reference, attn_mask, proposals, denoising)
+
+    @staticmethod
+    def _group_mask(sizes: list[int], dn_groups: int, like: Tensor) -> Tensor | None:
+        return group_attention_mask(sizes, dn_groups, like.device) if len(sizes) > 1 else None
+
+    def _layer_outputs(self, logits: Tensor, boxes: Tensor) -> dict[str, Any]:
+        """[L, B, Q, K+1] logits and [L, B, Q, 4] boxes -> the last layer's, with the others as aux_outputs."""
         out: dict[str, Any] = {"pred_logits": logits[-1], "pred_boxes": boxes[-1]}
         if self.aux_loss:
             out["aux_outputs"] = [
@@ -90,8 +167,42 @@ class DETR(nn.Module):
             ]
         return out
 
-    def forward(self, images: Images) -> dict[str, Any]:
-        return self.heads(self.forward_features(images).decoded)
+    def _boxes(self, decoded: Tensor, refined: Tensor | None) -> Tensor:
+        if refined is not None:  # anchor-box queries refine their boxes layer by layer
+            return refined
+        assert self.bbox_embed is not None
+        return self.bbox_embed(decoded).sigmoid()  # [L, B, Q, 4]
+
+    def heads(self, features: DetrFeatures) -> dict[str, Any]:
+        """Features -> the output dict (final layer + auxiliary layers, plus the training entries)."""
+        out = self._layer_outputs(self.class_embed(features.decoded), self._boxes(features.decoded, features.boxes))
+        if features.proposals is not None:
+            out["enc_outputs"] = features.proposals
+        extra = features.training_queries
+        if extra is not None:
+            logits = self.class_embed(extra.decoded)  # [L, B, T, K+1]
+            boxes = self._boxes(extra.decoded, extra.boxes)
+            dn = extra.denoising.size if extra.denoising is not None else 0
+            if extra.denoising is not None:
+                out["dn_outputs"] = DenoisingOutputs(logits[:, :, :dn], boxes[:, :, :dn], extra.denoising)
+            q = self.num_queries
+            groups = [slice(dn + g * q, dn + (g + 1) * q) for g in range(extra.extra_groups)]
+            out["group_outputs"] = [self._layer_outputs(logits[:, :, g], boxes[:, :, g]) for g in groups]
+        return out
+
+    def forward(self, images: Images, targets: Targets | None = None) -> dict[str, Any]:
+        """``targets`` (training, with denoising): the batch's targets, to build the denoising queries."""
+        return self.heads(self.forward_features(images, targets))
+
+
+@dataclass
+class DecoderQueries:
+    content: Tensor  # [B, T, C]
+    position: Tensor | None  # [B, T, C] positional queries of learned queries (None: anchors, or at the input)
+    reference: Tensor | None  # [B, T, 4] reference boxes of anchor-box queries
+    attn_mask: Tensor | None  # [T, T] True = may attend; None when every query may see every other
+    proposals: Proposals | None = None
+    denoising: DenoisingQueries | None = None
 
 
 def build_detr(config: DetrConfig, *, freeze_detr: bool = False) -> nn.Module:

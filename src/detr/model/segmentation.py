@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .detr import DETR, Images
+from .detr import DETR, Images, Targets
 
 
 class MHAttentionMap(nn.Module):
@@ -156,9 +156,9 @@ class DETRsegm(nn.Module):
     def num_queries(self) -> int:
         return self.detr.num_queries
 
-    def forward(self, images: Images) -> dict[str, Any]:
-        f = self.detr.forward_features(images)
-        out = self.detr.heads(f.decoded)
+    def forward(self, images: Images, targets: Targets | None = None) -> dict[str, Any]:
+        f = self.detr.forward_features(images, targets)
+        out = self.detr.heads(f)
         attention = self.bbox_attention(f.decoded[-1], f.memory, f.masks[-1])  # [B, Q, n, h, w]
         fpns = [f.stages[2], f.stages[1], f.stages[0]]
         if self.training and self.masks_on_demand:

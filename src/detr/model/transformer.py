@@ -7,6 +7,8 @@ encodings are added to queries and keys (never values) in every attention of eve
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -39,9 +41,11 @@ class MultiheadAttention(nn.Module):
         return x.view(b, n, self.num_heads, -1).transpose(1, 2)  # [B, h, N, d]
 
     def forward(
-        self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Tensor | None = None
+        self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Tensor | None = None,
+        attn_mask: Tensor | None = None,
     ) -> tuple[Tensor, Tensor | None]:
-        """query [B, Lq, E], key/value [B, Lk, E], key_padding_mask [B, Lk] (True = ignore)."""
+        """query [B, Lq, E], key/value [B, Lk, E], key_padding_mask [B, Lk] (True = ignore),
+        attn_mask [Lq, Lk] (True = may attend; isolates query groups in training)."""
         e = self.embed_dim
         w, b = self.in_proj_weight, self.in_proj_bias
         if query is key:  # self-attention: one matmul for q and k
@@ -51,9 +55,12 @@ class MultiheadAttention(nn.Module):
             k = F.linear(key, w[e : 2 * e], b[e : 2 * e])
         v = F.linear(value, w[2 * e :], b[2 * e :])
         q, k, v = self._heads(q), self._heads(k), self._heads(v)
-        attn_mask = None
+        allowed = None  # True = may attend, broadcast to [B, h, Lq, Lk]
         if key_padding_mask is not None:
-            attn_mask = ~key_padding_mask[:, None, None, :]  # [B, 1, 1, Lk], True = may attend
+            allowed = ~key_padding_mask[:, None, None, :]  # [B, 1, 1, Lk]
+        if attn_mask is not None:
+            allowed = attn_mask if allowed is None else allowed & attn_mask
+        attn_mask = allowed
         dropout = self.dropout if self.training else 0.0
         weights = None
         if self.keep_weights:
@@ -79,60 +86,75 @@ def _with_pos(x: Tensor, pos: Tensor | None) -> Tensor:
 
 
 class EncoderLayer(nn.Module):
+    """dim_feedforward = 0 leaves out the feed-forward network and its norm (the paper's Table 4)."""
+
     def __init__(self, d_model: int, nheads: int, dim_feedforward: int, dropout: float, pre_norm: bool) -> None:
         super().__init__()
+        self.has_ffn = dim_feedforward > 0
+        # registration order as the reference's: it decides the random initialization
         self.self_attn = MultiheadAttention(d_model, nheads, dropout)
-        self.linear1 = nn.Linear(d_model, dim_feedforward)
-        self.linear2 = nn.Linear(dim_feedforward, d_model)
+        if self.has_ffn:
+            self.linear1 = nn.Linear(d_model, dim_feedforward)
+            self.linear2 = nn.Linear(dim_feedforward, d_model)
         self.norm1 = nn.LayerNorm(d_model)
-        self.norm2 = nn.LayerNorm(d_model)
+        if self.has_ffn:
+            self.norm2 = nn.LayerNorm(d_model)
         self.dropout = nn.Dropout(dropout)
         self.pre_norm = pre_norm
-
-    _ffn = _feed_forward
 
     def forward(self, src: Tensor, padding_mask: Tensor | None, pos: Tensor | None) -> Tensor:
         if self.pre_norm:
             x = self.norm1(src)
             qk = _with_pos(x, pos)
             src = src + self.dropout(self.self_attn(qk, qk, x, padding_mask)[0])
-            return src + self.dropout(self._ffn(self.norm2(src)))
+            if not self.has_ffn:
+                return src
+            return src + self.dropout(_feed_forward(self, self.norm2(src)))
         qk = _with_pos(src, pos)
         src = self.norm1(src + self.dropout(self.self_attn(qk, qk, src, padding_mask)[0]))
-        return self.norm2(src + self.dropout(self._ffn(src)))
+        if not self.has_ffn:
+            return src
+        return self.norm2(src + self.dropout(_feed_forward(self, src)))
 
 
 class DecoderLayer(nn.Module):
     def __init__(self, d_model: int, nheads: int, dim_feedforward: int, dropout: float, pre_norm: bool) -> None:
         super().__init__()
+        self.has_ffn = dim_feedforward > 0
         self.self_attn = MultiheadAttention(d_model, nheads, dropout)
         self.multihead_attn = MultiheadAttention(d_model, nheads, dropout)
-        self.linear1 = nn.Linear(d_model, dim_feedforward)
-        self.linear2 = nn.Linear(dim_feedforward, d_model)
+        if self.has_ffn:
+            self.linear1 = nn.Linear(d_model, dim_feedforward)
+            self.linear2 = nn.Linear(dim_feedforward, d_model)
         self.norm1 = nn.LayerNorm(d_model)
         self.norm2 = nn.LayerNorm(d_model)
-        self.norm3 = nn.LayerNorm(d_model)
+        if self.has_ffn:
+            self.norm3 = nn.LayerNorm(d_model)
         self.dropout = nn.Dropout(dropout)
         self.pre_norm = pre_norm
 
-    _ffn = _feed_forward
-
     def forward(
-        self, tgt: Tensor, memory: Tensor, padding_mask: Tensor | None, pos: Tensor | None, query_pos: Tensor
+        self, tgt: Tensor, memory: Tensor, padding_mask: Tensor | None, pos: Tensor | None,
+        query_pos: Tensor | None, self_attn_mask: Tensor | None = None,
     ) -> Tensor:
         memory_keys = _with_pos(memory, pos)
         if self.pre_norm:
             x = self.norm1(tgt)
-            qk = x + query_pos
-            tgt = tgt + self.dropout(self.self_attn(qk, qk, x)[0])
+            qk = _with_pos(x, query_pos)
+            tgt = tgt + self.dropout(self.self_attn(qk, qk, x, attn_mask=self_attn_mask)[0])
             x = self.norm2(tgt)
-            tgt = tgt + self.dropout(self.multihead_attn(x + query_pos, memory_keys, memory, padding_mask)[0])
-            return tgt + self.dropout(self._ffn(self.norm3(tgt)))
-        qk = tgt + query_pos
-        tgt = self.norm1(tgt + self.dropout(self.self_attn(qk, qk, tgt)[0]))
-        cross = self.multihead_attn(tgt + query_pos, memory_keys, memory, padding_mask)[0]
+            cross = self.multihead_attn(_with_pos(x, query_pos), memory_keys, memory, padding_mask)[0]
+            tgt = tgt + self.dropout(cross)
+            if not self.has_ffn:
+                return tgt
+            return tgt + self.dropout(_feed_forward(self, self.norm3(tgt)))
+        qk = _with_pos(tgt, query_pos)
+        tgt = self.norm1(tgt + self.dropout(self.self_attn(qk, qk, tgt, attn_mask=self_attn_mask)[0]))
+        cross = self.multihead_attn(_with_pos(tgt, query_pos), memory_keys, memory, padding_mask)[0]
         tgt = self.norm2(tgt + self.dropout(cross))
-        return self.norm3(tgt + self.dropout(self._ffn(tgt)))
+        if not self.has_ffn:
+            return tgt
+        return self.norm3(tgt + self.dropout(_feed_forward(self, tgt)))
 
 
 class Encoder(nn.Module):
@@ -163,14 +185,32 @@ class Decoder(nn.Module):
         self.norm = nn.LayerNorm(c.hidden_dim)  # shared by every layer's output (the aux heads see it)
 
     def forward(
-        self, tgt: Tensor, memory: Tensor, padding_mask: Tensor | None, pos: Tensor | None, query_pos: Tensor
-    ) -> Tensor:
-        """Returns every layer's normalized output: [L, B, Q, C]."""
-        outputs = []
-        for layer in self.layers:
-            tgt = layer(tgt, memory, padding_mask, pos, query_pos)
+        self, tgt: Tensor, memory: Tensor, padding_mask: Tensor | None, pos: Tensor | None,
+        query_pos: Tensor | None, *, self_attn_mask: Tensor | None = None,
+        refiner: BoxRefiner | None = None, reference: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor | None]:
+        """Every layer's normalized output [L, B, Q, C], and with a ``refiner`` every layer's refined
+        boxes [L, B, Q, 4] (cxcywh): the refiner turns the current reference boxes [B, Q, 4] into each
+        layer's positional queries and refines them from its output."""
+        outputs, boxes = [], []
+        for i, layer in enumerate(self.layers):
+            if refiner is not None:
+                query_pos = refiner.position(reference)  # [B, Q, C]
+            tgt = layer(tgt, memory, padding_mask, pos, query_pos, self_attn_mask)
             outputs.append(self.norm(tgt))
-        return torch.stack(outputs)
+            if refiner is not None:
+                box = refiner.refine(i, outputs[-1], reference)
+                boxes.append(box)
+                reference = box.detach()  # each layer learns its own delta (Deformable DETR)
+        return torch.stack(outputs), (torch.stack(boxes) if boxes else None)
+
+
+class BoxRefiner(Protocol):
+    """What the decoder asks of anchor-box queries (see ``detr.model.queries.AnchorQueries``)."""
+
+    def position(self, reference: Tensor) -> Tensor: ...
+
+    def refine(self, layer: int, decoded: Tensor, reference: Tensor) -> Tensor: ...
 
 
 class Transformer(nn.Module):
@@ -178,25 +218,38 @@ class Transformer(nn.Module):
         super().__init__()
         self.d_model = config.hidden_dim
         self.nhead = config.nheads
+        self.spatial_pos = config.spatial_pos
+        self.query_pos = config.query_pos
         self.encoder = Encoder(config)
         self.decoder = Decoder(config)
         for p in self.parameters():
             if p.dim() > 1:
                 nn.init.xavier_uniform_(p)
 
+    def encode(self, src: Tensor, padding_mask: Tensor, pos: Tensor) -> tuple[Tensor, Tensor | None]:
+        """src/pos [B, C, H, W], padding_mask [B, H, W] -> (memory [B, HW, C], the positions every
+        attention adds to its keys [B, HW, C], or None when they entered at the input or not at all)."""
+        src = src.flatten(2).transpose(1, 2)  # [B, HW, C]
+        pos_seq: Tensor | None = pos.flatten(2).transpose(1, 2)  # [B, HW, C]
+        if self.spatial_pos == "input":
+            src, pos_seq = src + pos_seq, None
+        elif self.spatial_pos == "none":
+            pos_seq = None
+        return self.encoder(src, padding_mask.flatten(1), pos_seq), pos_seq
+
     def forward(
         self, src: Tensor, padding_mask: Tensor, query_embed: Tensor, pos: Tensor
     ) -> tuple[Tensor, Tensor]:
-        """src/pos [B, C, H, W], padding_mask [B, H, W], query_embed [Q, C].
+        """DETR's transformer with learned queries. src/pos [B, C, H, W], padding_mask [B, H, W],
+        query_embed [Q, C].
 
         Returns (decoded [L, B, Q, C], memory [B, C, H, W]).
         """
         b, c, h, w = src.shape
-        src = src.flatten(2).transpose(1, 2)  # [B, HW, C]
-        pos = pos.flatten(2).transpose(1, 2)  # [B, HW, C]
-        mask = padding_mask.flatten(1)  # [B, HW]
+        memory, pos_seq = self.encode(src, padding_mask, pos)
         query_pos = query_embed[None].expand(b, -1, -1)  # [B, Q, C]
-        memory = self.encoder(src, mask, pos)
         tgt = torch.zeros_like(query_pos)  # the decoder starts from zeros; queries enter as positions
-        decoded = self.decoder(tgt, memory, mask, pos, query_pos)
+        if self.query_pos == "input":  # ... or once, as the decoder's input
+            tgt, query_pos = query_pos, None
+        decoded, _ = self.decoder(tgt, memory, padding_mask.flatten(1), pos_seq, query_pos)
         return decoded, memory.transpose(1, 2).reshape(b, c, h, w)

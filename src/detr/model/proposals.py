@@ -1,0 +1,89 @@
+"""Two-stage query selection (Deformable DETR's two-stage, DINO's mixed query selection).
+
+Between encoder and decoder: every encoder token proposes a box, relative to its own cell, and a
+class; the top-Q tokens by objectness give the decoder its reference boxes (detached: the decoder
+refines them, the proposal heads learn from their own set loss). The content queries stay learned.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from .mlp import MLP
+from .queries import inverse_sigmoid
+
+
+@dataclass
+class Proposals:
+    """One proposal per encoder token: ``pred_logits`` [B, HW, K+1], ``pred_boxes`` [B, HW, 4] (cxcywh),
+    ``valid`` [B, HW] (False on padding: never selected, never matched). Supervised like a decoder
+    layer's output (``SetCriterion`` reads it from ``outputs["enc_outputs"]``)."""
+
+    pred_logits: Tensor
+    pred_boxes: Tensor
+    valid: Tensor
+
+    def __getitem__(self, key: str) -> Tensor:  # the matcher reads outputs["pred_logits"] / ["pred_boxes"]
+        return getattr(self, key)
+
+
+def cell_boxes(padding_mask: Tensor, size: float) -> Tensor:
+    """The box of every feature cell, [B, h*w, 4] cxcywh normalized by each image's unpadded size:
+    centred on the cell, ``size`` wide and high. padding_mask: [B, h, w]."""
+    valid = ~padding_mask
+    valid_h = valid[:, :, 0].sum(1, keepdim=True).float()  # [B, 1]
+    valid_w = valid[:, 0, :].sum(1, keepdim=True).float()
+    h, w = padding_mask.shape[-2:]
+    cy = (torch.arange(h, device=padding_mask.device, dtype=torch.float32) + 0.5)[None] / valid_h  # [B, h]
+    cx = (torch.arange(w, device=padding_mask.device, dtype=torch.float32) + 0.5)[None] / valid_w  # [B, w]
+    cy = cy[:, :, None].expand(-1, -1, w)  # [B, h, w]
+    cx = cx[:, None, :].expand(-1, h, -1)
+    wh = torch.full_like(cx, size)
+    return torch.stack([cx, cy, wh, wh], dim=-1).flatten(1, 2)  # [B, h*w, 4]
+
+
+class EncoderProposals(nn.Module):
+    """Class and box heads on the encoder's tokens, and the top-Q selection.
+
+    ``focal``: the class head is trained with sigmoid focal loss over the K classes (objectness = the
+    largest class probability); otherwise with DETR's cross-entropy (objectness = 1 - p(no object)).
+    """
+
+    def __init__(self, *, hidden_dim: int, num_classes: int, cell_size: float, focal: bool) -> None:
+        super().__init__()
+        self.project = nn.Linear(hidden_dim, hidden_dim)
+        self.norm = nn.LayerNorm(hidden_dim)
+        self.class_head = nn.Linear(hidden_dim, num_classes + 1)
+        self.box_head = MLP(hidden_dim, hidden_dim, 4, 3)
+        nn.init.zeros_(self.box_head.layers[-1].weight)  # each proposal starts as its cell's box
+        nn.init.zeros_(self.box_head.layers[-1].bias)
+        self.cell_size = cell_size
+        self.focal = focal
+
+    def forward(self, memory: Tensor, padding_mask: Tensor) -> Proposals:
+        """memory [B, HW, C], padding_mask [B, h, w] -> one proposal per token."""
+        hidden = self.norm(self.project(memory))
+        cells = cell_boxes(padding_mask, self.cell_size)  # [B, HW, 4]
+        boxes = (self.box_head(hidden).float() + inverse_sigmoid(cells)).sigmoid()
+        return Proposals(self.class_head(hidden), boxes, ~padding_mask.flatten(1))
+
+    def objectness(self, proposals: Proposals) -> Tensor:
+        """[B, HW] scores whose order ranks the proposals (padding: -inf)."""
+        logits = proposals.pred_logits.detach().float()
+        if self.focal:
+            score = logits[..., :-1].max(-1).values  # sigmoid is monotonic: rank by the logit
+        else:
+            score = -logits.log_softmax(-1)[..., -1]  # ranks as 1 - p(no object)
+        return score.masked_fill(~proposals.valid, float("-inf"))
+
+    def select(self, proposals: Proposals, count: int) -> Tensor:
+        """The boxes [B, count, 4] of the ``count`` most object-like proposals, detached."""
+        score = self.objectness(proposals)
+        if score.shape[1] < count:
+            raise ValueError(f"two-stage selection needs at least {count} encoder tokens (num_queries), the "
+                             f"feature map has {score.shape[1]}: use larger images or fewer queries")
+        top = score.topk(count, dim=1).indices  # [B, count]
+        return torch.gather(proposals.pred_boxes.detach(), 1, top[..., None].expand(-1, -1, 4))

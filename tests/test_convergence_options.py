@@ -1,0 +1,297 @@
+"""The convergence options of DetrConfig.queries / transformer / backbone: each trains, saves, loads,
+exports, and its defining property holds (a broken piece fails here)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+import detr
+from detr.checkpoint import load_checkpoint, save_checkpoint
+from detr.config import BackboneConfig, DetrConfig, QueryConfig, TransformerConfig, preset, to_reference_args
+from detr.data.shapes import ShapesParams, ShapesStream
+from detr.export import export_onnx
+from detr.loss import SetCriterion
+from detr.model import denoising as denoising_module
+from detr.model.queries import inverse_sigmoid
+
+SIZE = 64
+
+
+def tiny(queries: QueryConfig | None = None, **transformer) -> DetrConfig:
+    return DetrConfig(
+        num_classes=4, num_queries=6,
+        backbone=BackboneConfig(name="small", norm="group_norm", frozen_stages=0, widths=(16, 32, 64),
+                                depths=(0, 1, 1)),
+        transformer=TransformerConfig(**{"hidden_dim": 32, "nheads": 4, "enc_layers": 1, "dec_layers": 2,
+                                         "dim_feedforward": 64, "dropout": 0.0, **transformer}),
+        queries=queries or QueryConfig(),
+    )
+
+
+OPTIONS = {
+    "anchors": tiny(QueryConfig(anchors=True, anchor_size=0.3)),
+    "two_stage": tiny(QueryConfig(anchors=True, two_stage=True, anchor_size=0.3)),
+    "two_stage_ce": dataclasses.replace(tiny(QueryConfig(anchors=True, two_stage=True)), loss=detr.config.LossConfig(
+        proposal_loss="ce")),
+    "denoising": tiny(QueryConfig(anchors=True, denoising_groups=3)),
+    "groups": tiny(QueryConfig(groups=3)),
+    "everything": tiny(QueryConfig(anchors=True, two_stage=True, denoising_groups=2, groups=2)),
+    "spatial_pos_input": tiny(spatial_pos="input"),
+    "spatial_pos_none": tiny(spatial_pos="none"),
+    "query_pos_input": tiny(query_pos="input"),
+    "no_ffn": tiny(dim_feedforward=0),
+}
+# options that change the inference graph (the rest exist only in training)
+INFERENCE_OPTIONS = ["anchors", "two_stage", "spatial_pos_input", "spatial_pos_none", "query_pos_input", "no_ffn"]
+
+
+@pytest.fixture(scope="module")
+def batch():
+    """Four real rendered shapes images with their targets."""
+    stream = ShapesStream(ShapesParams(num_train=0, num_val=0, image_size=SIZE, seed=5, min_objects=1, max_objects=3,
+                                       min_object_size=0.2, max_object_size=0.5))
+    return stream.batch(0, 4)
+
+
+@pytest.mark.parametrize("name", sorted(OPTIONS))
+def test_option_trains_every_parameter(name, batch):
+    config = OPTIONS[name]
+    torch.manual_seed(0)
+    model = detr.build_detr(config).train()
+    criterion = SetCriterion.from_config(config)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    # Two steps: the zero-initialized last layers of the box heads pass no gradient back in the first one.
+    for _ in range(2):
+        optimizer.zero_grad()
+        result = criterion(model(batch.images, batch.targets), batch.targets)
+        assert torch.isfinite(result.total)
+        result.total.backward()
+        optimizer.step()
+    q = config.queries
+    expected = {"loss_ce_enc": q.two_stage, "loss_bbox_dn": q.denoising_groups > 0, "loss_giou_g1_0": q.groups > 1}
+    for term, present in expected.items():
+        assert (term in result.terms) == present, term
+    # Every weight is in the graph, and the option's own modules learn. (Not every weight moves yet: where the
+    # decoder's content starts from zeros, its first self-attention sees identical values.)
+    own = ("anchor_queries.", "proposals.", "label_embedding.", "query_embed.", "class_embed.", "bbox_embed.")
+    for pname, param in model.named_parameters():
+        assert param.grad is not None and torch.isfinite(param.grad).all(), f"{pname} gets no gradient"
+        if pname.startswith(own):
+            assert param.grad.abs().sum() > 0, f"{pname} has an all-zero gradient"
+
+
+@pytest.mark.parametrize("name", sorted(OPTIONS))
+def test_option_round_trips_through_our_checkpoint(name, batch, tmp_path):
+    torch.manual_seed(1)
+    model = detr.build_detr(OPTIONS[name]).eval()
+    loaded = load_checkpoint(save_checkpoint(model, tmp_path / "m.safetensors"))
+    assert loaded.config == model.config
+    with torch.no_grad():
+        a, b = model(batch.images), loaded(batch.images)
+    assert torch.equal(a["pred_logits"], b["pred_logits"]) and torch.equal(a["pred_boxes"], b["pred_boxes"])
+    with pytest.raises(ValueError, match="no flags for this configuration"):
+        to_reference_args(model.config)
+
+
+@pytest.mark.parametrize("name", INFERENCE_OPTIONS)
+def test_inference_option_exports_to_onnx(name, tmp_path):
+    """The export verifies itself: onnxruntime at another image size and batch against PyTorch."""
+    pytest.importorskip("onnxruntime")
+    torch.manual_seed(2)
+    model = detr.build_detr(OPTIONS[name]).eval()
+    path = export_onnx(model, tmp_path / "m.onnx", image_size=(64, 96), verify=True)
+    assert path.is_file()
+
+
+def test_training_only_options_leave_inference_unchanged(batch):
+    """Group DETR and denoising add queries in training only: in eval mode the model is the plain one."""
+    torch.manual_seed(3)
+    full = detr.build_detr(OPTIONS["everything"]).eval()
+    with torch.no_grad():
+        out = full(batch.images, batch.targets)
+    assert out["pred_logits"].shape[1] == 6 and "dn_outputs" not in out and "group_outputs" not in out
+
+
+def _main_outputs(model, batch, targets):
+    with torch.no_grad():
+        out = model(batch.images, targets)
+    return out["pred_logits"], out["pred_boxes"]
+
+
+def _perturbed(targets):
+    """The same images with other ground truth: other labels, other boxes."""
+    changed = []
+    for t in targets:
+        t = dict(t)
+        t["labels"] = (t["labels"] % 3) + 1
+        t["boxes"] = (t["boxes"] * 0.5 + 0.2).clamp(0.05, 0.95)
+        changed.append(t)
+    return changed
+
+
+def test_denoising_mask_keeps_the_ground_truth_from_the_matching_queries(batch, monkeypatch):
+    torch.manual_seed(4)
+    model = detr.build_detr(OPTIONS["denoising"]).train()
+    torch.manual_seed(0)
+    logits, boxes = _main_outputs(model, batch, batch.targets)
+    torch.manual_seed(0)
+    logits2, boxes2 = _main_outputs(model, batch, _perturbed(batch.targets))
+    assert torch.equal(logits, logits2) and torch.equal(boxes, boxes2)  # the answer did not leak
+    # ... and the check has teeth: without the mask, the matching queries see the noised ground truth
+    monkeypatch.setattr("detr.model.detr.group_attention_mask", lambda sizes, dn, device: None)
+    torch.manual_seed(0)
+    leaky = _main_outputs(model, batch, batch.targets)
+    torch.manual_seed(0)
+    leaky2 = _main_outputs(model, batch, _perturbed(batch.targets))
+    assert not torch.allclose(leaky[0], leaky2[0])
+
+
+def test_query_groups_are_blind_to_each_other(batch, monkeypatch):
+    """With G groups in training, the first group's outputs are exactly what the model gives at inference."""
+    torch.manual_seed(5)
+    model = detr.build_detr(OPTIONS["groups"])
+    eval_logits, _ = _main_outputs(model.eval(), batch, None)
+    train_logits, _ = _main_outputs(model.train(), batch, batch.targets)
+    torch.testing.assert_close(train_logits, eval_logits, rtol=0, atol=1e-5)
+    monkeypatch.setattr("detr.model.detr.group_attention_mask", lambda sizes, dn, device: None)
+    leaky, _ = _main_outputs(model.train(), batch, batch.targets)
+    assert (leaky - eval_logits).abs().max() > 1e-3
+
+
+def test_group_attention_mask_layout():
+    mask = denoising_module.group_attention_mask([2, 2, 3, 3], dn_groups=2, device=torch.device("cpu"))
+    allowed = mask.int().tolist()
+    assert allowed[0] == [1, 1, 0, 0, 1, 1, 1, 0, 0, 0]  # a denoising query: its group and the first matching group
+    assert allowed[4] == [0, 0, 0, 0, 1, 1, 1, 0, 0, 0]  # a matching query: its own group only
+    assert allowed[9] == [0, 0, 0, 0, 0, 0, 0, 1, 1, 1]
+
+
+def test_anchor_boxes_are_refined_layer_by_layer(batch):
+    torch.manual_seed(6)
+    model = detr.build_detr(OPTIONS["anchors"]).eval()
+    with torch.no_grad():
+        out = model(batch.images)
+    anchors = model.anchor_queries.anchors.sigmoid()
+    # box heads start at zero: every layer keeps the anchors
+    torch.testing.assert_close(out["aux_outputs"][0]["pred_boxes"], anchors.expand(4, -1, -1))
+    torch.testing.assert_close(out["pred_boxes"], anchors.expand(4, -1, -1))
+    for head in model.anchor_queries.box_heads:
+        torch.nn.init.normal_(head.layers[-1].weight, std=0.1)
+    with torch.no_grad():
+        features = model.forward_features(batch.images)
+    first, last = features.boxes[0], features.boxes[1]
+    delta = model.anchor_queries.box_heads[1](features.decoded[1])
+    torch.testing.assert_close(last, (delta + inverse_sigmoid(first)).sigmoid())
+    assert (first - anchors).abs().max() > 1e-3
+
+
+def test_two_stage_references_are_the_top_proposals(batch):
+    torch.manual_seed(7)
+    model = detr.build_detr(OPTIONS["two_stage"]).eval()
+    with torch.no_grad():
+        out = model(batch.images)
+    proposals = out["enc_outputs"]
+    score = model.proposals.objectness(proposals)
+    top = score.topk(6, dim=1).indices
+    expected = torch.gather(proposals.pred_boxes, 1, top[..., None].expand(-1, -1, 4))
+    # the first layer's box head starts at zero, so its boxes are its references
+    torch.testing.assert_close(out["aux_outputs"][0]["pred_boxes"], expected)
+    assert proposals.valid.all() and proposals.pred_boxes.shape == (4, (SIZE // 8) ** 2, 4)
+
+
+def test_proposal_cells_follow_the_unpadded_image():
+    from detr.model.proposals import cell_boxes
+
+    padding = torch.zeros(1, 2, 4, dtype=torch.bool)
+    padding[0, :, 2:] = True  # the right half is padding
+    boxes = cell_boxes(padding, 0.3)
+    assert boxes[0, :, 0].tolist() == pytest.approx([0.25, 0.75, 1.25, 1.75] * 2)
+    assert boxes[0, :4, 1].tolist() == pytest.approx([0.25] * 4)
+
+
+def test_focal_proposal_loss_sums_over_tokens():
+    """Focal: summed over tokens and classes / boxes; each matched token weighs as much as in a 20-query set."""
+    crit = SetCriterion.from_config(tiny(QueryConfig(anchors=True, two_stage=True)))
+    logits = torch.zeros(1, 256, 5)
+    proposals = {"pred_logits": logits, "pred_boxes": torch.full((1, 256, 4), 0.5),
+                 "valid": torch.ones(1, 256, dtype=torch.bool)}
+    match = type("M", (), {"batch": torch.tensor([0]), "query": torch.tensor([3]),
+                           "target_per_image": [torch.tensor([0])]})()
+    loss = crit.loss_proposal_labels(proposals, [{"labels": torch.tensor([2])}], match, num_boxes=1.0)
+    # at p = 0.5 every term is alpha' * log(2) * 0.25: 1 positive (alpha 0.25), 256 * 4 - 1 negatives (0.75)
+    expected = 0.25 * (0.25 * 1 + 0.75 * (256 * 4 - 1)) * torch.log(torch.tensor(2.0))
+    torch.testing.assert_close(loss, expected)
+
+
+@pytest.mark.parametrize("where", ["none", "input"])
+def test_spatial_positions_enter_where_configured(where, batch, monkeypatch):
+    """Positions replaced by random ones: the output changes unless the positions are not used at all."""
+    torch.manual_seed(8)
+    model = detr.build_detr(tiny(spatial_pos=where)).eval()
+    before = _main_outputs(model, batch, None)[1]
+    monkeypatch.setattr(model.position, "forward", lambda mask: torch.randn(mask.shape[0], 32, *mask.shape[1:]))
+    after = _main_outputs(model, batch, None)[1]
+    assert torch.equal(before, after) == (where == "none")
+
+
+def test_query_positions_at_the_input_start_the_decoder(batch):
+    torch.manual_seed(9)
+    model = detr.build_detr(tiny(query_pos="input")).eval()
+    seen = []
+    layer = model.transformer.decoder.layers[0]
+    layer.register_forward_hook(lambda m, args, out: seen.append((args[0], args[4])))
+    _main_outputs(model, batch, None)
+    tgt, query_pos = seen[0]
+    assert query_pos is None and torch.equal(tgt[0], model.query_embed.weight)
+
+
+def test_no_ffn_has_no_feed_forward_weights():
+    model = detr.build_detr(tiny(dim_feedforward=0))
+    names = [n for n, _ in model.named_parameters()]
+    assert not any("linear1" in n or "linear2" in n or "norm3" in n for n in names)
+    assert any("decoder.layers.0.norm2" in n for n in names)
+
+
+@pytest.mark.parametrize(("widths", "stride"), [((16, 32, 64), 8), ((8, 16, 32, 64), 16), ((8, 8, 16, 32, 64), 32)])
+def test_small_backbone_output_stride(widths, stride):
+    config = tiny().with_backbone(widths=widths, depths=(1,) * len(widths))
+    assert config.backbone.output_stride == stride
+    model = detr.build_detr(config).eval()
+    with torch.no_grad():
+        features = model.forward_features(torch.randn(1, 3, 128, 96))
+    assert features.projected.shape[-2:] == (128 // stride, 96 // stride)
+
+
+def test_invalid_combinations_say_which_option_needs_which():
+    with pytest.raises(ValueError, match="two_stage needs anchor-box queries.*--anchor_queries"):
+        QueryConfig(two_stage=True)
+    with pytest.raises(ValueError, match="denoising needs anchor-box queries"):
+        QueryConfig(denoising_groups=2)
+    with pytest.raises(ValueError, match="query_pos='input' is for learned queries"):
+        tiny(QueryConfig(anchors=True), query_pos="input")
+    with pytest.raises(ValueError, match="masks=True needs a ResNet backbone"):
+        dataclasses.replace(preset("shapes-fast"), masks=True)
+    with pytest.raises(ValueError, match="trains from scratch with GroupNorm"):
+        BackboneConfig(name="small")
+
+
+def test_cli_flags_build_the_options():
+    import argparse
+
+    from detr.cli import add_model_flags, model_config_from_args
+
+    parser = argparse.ArgumentParser()
+    add_model_flags(parser)
+    args = parser.parse_args(["--backbone", "small", "--backbone_widths", "16,32,64,128", "--backbone_depths",
+                              "0,1,1,1", "--anchor_queries", "--two_stage", "--denoising", "4", "--query_groups", "2",
+                              "--proposal_loss", "ce", "--spatial_pos", "input", "--dim_feedforward", "0"])
+    config = model_config_from_args(args, num_classes=7)
+    assert config.backbone == BackboneConfig(name="small", norm="group_norm", frozen_stages=0,
+                                             widths=(16, 32, 64, 128), depths=(0, 1, 1, 1))
+    assert config.queries == QueryConfig(anchors=True, two_stage=True, denoising_groups=4, groups=2)
+    assert config.loss.proposal_loss == "ce" and config.num_classes == 7
+    assert config.transformer.spatial_pos == "input" and config.transformer.dim_feedforward == 0
+    assert DetrConfig.from_dict(config.to_dict()) == config  # JSON-style round trip (tuples come back)
