@@ -308,11 +308,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .weights import DownloadError
+
     args = build_parser().parse_args(argv)
     _setup_logging()
     try:
         return int(args.func(args) or 0)
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, ValueError, DownloadError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
 
