@@ -12,8 +12,6 @@ import hashlib
 import io
 import json
 import socket
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -25,65 +23,6 @@ from detr import weights
 from detr.checkpoint import load_checkpoint
 from detr.cli import main
 from detr.weights import DETR_HOST, TORCHVISION_HOST, DownloadError, WeightsEntry, resolve
-
-
-class FileServer:
-    """Serves ``files`` (URL path -> bytes); ``cut`` paths announce more bytes than they send, then close."""
-
-    def __init__(self) -> None:
-        self.files: dict[str, bytes] = {}
-        self.cut: set[str] = set()
-        self.requests: list[str] = []
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802 (http.server's name)
-                server.requests.append(self.path)
-                body = server.files.get(self.path)
-                if body is None:
-                    self.send_error(404, "Not Found")
-                    return
-                self.send_response(200)
-                self.send_header("Content-Type", "application/octet-stream")
-                if self.path in server.cut:
-                    self.send_header("Content-Length", str(len(body)))
-                    self.end_headers()
-                    self.wfile.write(body[: len(body) // 3])
-                    self.wfile.flush()
-                    self.close_connection = True
-                    self.connection.shutdown(socket.SHUT_RDWR)
-                    return
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args) -> None:
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.base = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-
-    def count(self, path: str) -> int:
-        return self.requests.count(path)
-
-
-@pytest.fixture
-def server():
-    s = FileServer()
-    s.thread.start()
-    yield s
-    s.httpd.shutdown()
-    s.httpd.server_close()
-
-
-@pytest.fixture
-def cache(tmp_path, monkeypatch) -> Path:
-    folder = tmp_path / "cache"
-    monkeypatch.setenv("DETR_CACHE", str(folder))
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))  # no files from a real torch.hub cache
-    monkeypatch.delenv("DETR_WEIGHTS_MIRROR", raising=False)
-    return folder
 
 
 def sha_prefix(data: bytes) -> str:
