@@ -36,8 +36,9 @@ def detect_format(root: str | os.PathLike[str]) -> str:
     found = []
     if any((root / "annotations").glob("instances_*.json")):
         found.append("coco")
-    yolo_marks = [root / "labels", root / "classes.txt", root / "train" / "labels"]
-    if find_yaml(root) is not None or any(p.exists() for p in yolo_marks):
+    # classes.txt alone is no mark: VOC folders may carry one too
+    darknet = (root / "classes.txt").is_file() and (root / "images").is_dir()
+    if find_yaml(root) is not None or (root / "labels").is_dir() or (root / "train" / "labels").is_dir() or darknet:
         found.append("yolo")
     if (root / "Annotations").is_dir():
         found.append("voc")
