@@ -111,7 +111,8 @@ def test_default_download_failure_names_both_ways_out(shapes, tmp_path, server, 
     with pytest.raises(DownloadError) as err:
         train(frozen_bn_config(), options(shapes, tmp_path / "run"))
     message = str(err.value)
-    assert "resnet18-f37072fd.pth" in message and "HTTP 404" in message
+    assert f"{server.base}/models/resnet18-f37072fd.pth" in message and "HTTP 404" in message
+    assert "fetch https://download.pytorch.org/models/resnet18-f37072fd.pth on a connected machine" in message
     assert "--backbone_norm group_norm --frozen_stages 0" in message and "place the file by hand" in message
 
 

@@ -91,7 +91,7 @@ def _layout(state_dict: dict[str, Tensor]) -> str:
     bare = {k.removeprefix("detr.") for k in keys}
     other = _other_model(bare)  # first: Deformable DETR and kin share DETR's backbone names
     if other is not None:
-        raise OtherModelError(f"this is {other}, not a DETR checkpoint")
+        raise OtherModelError(f"this is {other}")
     if any(k.startswith("backbone.0.") for k in bare):
         return "reference"
     if any(k.startswith("backbone.body.") for k in bare):
@@ -114,14 +114,14 @@ def _other_model(keys: set[str]) -> str | None:
     """What a non-DETR state dict holds, when its keys tell."""
     keys = {k.removeprefix("module.") for k in keys}
     if "conv1.weight" in keys and "layer1.0.conv1.weight" in keys:
-        return ("an ImageNet ResNet classifier (torchvision/timm layout): backbone weights; use it as "
-                "`detr train --backbone_weights FILE`")
+        return ("an ImageNet ResNet classifier (torchvision/timm layout), not a DETR checkpoint; as backbone "
+                "weights it goes to `detr train --backbone_weights FILE`")
     if any("sampling_offsets" in k or k.endswith("level_embed") for k in keys):
-        return "a Deformable-DETR-family checkpoint (multi-scale deformable attention), another model type"
+        return "a Deformable-DETR-family checkpoint (multi-scale deformable attention), another model type than DETR"
     if any("ref_point_head" in k for k in keys):
-        return "a Conditional/DAB-DETR checkpoint (reference-point queries), another model type"
+        return "a Conditional/DAB-DETR checkpoint (reference-point queries), another model type than DETR"
     if any(k.startswith(("model.22.", "model.24.")) for k in keys):
-        return "a YOLO checkpoint (Ultralytics/YOLOv5 layout), another model type"
+        return "a YOLO checkpoint (Ultralytics/YOLOv5 layout), another model type than DETR"
     return None
 
 

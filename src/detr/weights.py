@@ -193,9 +193,10 @@ def _place_by_hand(url: str, dest: Path, hash_prefix: str | None) -> str:
 
 
 def download(url: str, dest: str | os.PathLike[str], *, hash_prefix: str | None = None,
-             progress: bool = True) -> Path:
+             progress: bool = True, origin: str | None = None) -> Path:
     """Fetch ``url`` into ``dest``: streamed to a temporary file beside it, checked (length, and the
-    sha256 prefix when given), then renamed. On any failure nothing is left at ``dest`` or beside it."""
+    sha256 prefix when given), then renamed. On any failure nothing is left at ``dest`` or beside it.
+    ``origin``: the official URL when ``url`` is a mirror's (named in the error for fetching by hand)."""
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     timeout = float(os.environ.get("DETR_DOWNLOAD_TIMEOUT", "60"))
@@ -244,7 +245,8 @@ def download(url: str, dest: str | os.PathLike[str], *, hash_prefix: str | None 
             reason = str(err) or type(err).__name__
         else:
             raise
-        raise DownloadError(f"download of {url} failed: {reason}. {_place_by_hand(url, dest, hash_prefix)}") from None
+        hand = _place_by_hand(origin or url, dest, hash_prefix)
+        raise DownloadError(f"download of {url} failed: {reason}. {hand}") from None
     return dest
 
 
@@ -280,7 +282,8 @@ def resolve(spec: str | os.PathLike[str], *, progress: bool = True) -> Path:
     found = _cached(e.file_name)
     if found is not None:
         return found
-    return download(source_url(e), cache_dir() / e.file_name, hash_prefix=e.hash_prefix, progress=progress)
+    return download(source_url(e), cache_dir() / e.file_name, hash_prefix=e.hash_prefix, progress=progress,
+                    origin=e.url)
 
 
 def names_hint() -> str:
