@@ -72,11 +72,24 @@ def server():
     s.httpd.server_close()
 
 
+# Named weights would come from the official hosts; in tests they come from 127.0.0.1 or nowhere.
+NOWHERE = "http://127.0.0.1:9"  # the discard port: nothing listens, the connection is refused
+
+
+@pytest.fixture(autouse=True)
+def _no_downloads_from_outside(tmp_path_factory, monkeypatch) -> None:
+    """Every test (and the processes it starts) gets an empty weights cache and a mirror that refuses
+    connections, unless it points DETR_WEIGHTS_MIRROR at its own local server."""
+    home = tmp_path_factory.mktemp("weights-home")
+    monkeypatch.setenv("DETR_CACHE", str(home / "cache"))
+    monkeypatch.setenv("TORCH_HOME", str(home / "torch-home"))  # no files from a real torch.hub cache
+    monkeypatch.setenv("DETR_WEIGHTS_MIRROR", NOWHERE)
+
+
 @pytest.fixture
 def cache(tmp_path, monkeypatch) -> Path:
-    """An empty weights cache (DETR_CACHE) and torch.hub folder; no mirror."""
+    """An empty weights cache (DETR_CACHE) and torch.hub folder for this test."""
     folder = tmp_path / "cache"
     monkeypatch.setenv("DETR_CACHE", str(folder))
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))  # no files from a real torch.hub cache
-    monkeypatch.delenv("DETR_WEIGHTS_MIRROR", raising=False)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
     return folder

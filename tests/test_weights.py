@@ -79,6 +79,8 @@ def test_names_table_holds_the_released_files():
 
 
 def test_mirror_replaces_the_host_and_keeps_the_path(monkeypatch):
+    monkeypatch.delenv("DETR_WEIGHTS_MIRROR")
+    assert weights.source_url(weights.NAMES["detr-r50"]) == weights.NAMES["detr-r50"].url
     monkeypatch.setenv("DETR_WEIGHTS_MIRROR", "http://mirror.example/weights/")
     assert weights.source_url(weights.NAMES["detr-r50"]) == "http://mirror.example/weights/detr/detr-r50-e632da11.pth"
     assert weights.source_url(weights.NAMES["resnet50"]) == "http://mirror.example/weights/models/resnet50-0676ba61.pth"
