@@ -259,3 +259,23 @@ def test_json_syntax_error_names_the_file(tmp_path, capsys):
     assert f"{bad}:2:19: invalid JSON in this annotation file" in err
     with pytest.raises(ValueError, match=rf"{bad}:2:19"):
         load_coco(bad)
+
+
+def test_yolo_labels_describe_the_image_as_shown(tmp_path):
+    # stored pixels: a white square bottom-right; EXIF orientation 3 (rotated 180) shows it top-left,
+    # where the label (Ultralytics' convention: the shown image) puts the box
+    root = yolo_folder(tmp_path, {"a": "0 0.25 0.25 0.5 0.5\n"}, size=(40, 20))
+    stored = Image.new("RGB", (40, 20))
+    stored.paste((255, 255, 255), (20, 10, 40, 20))
+    exif = Image.Exif()
+    exif[0x0112] = 3
+    stored.save(root / "images" / "train" / "a.jpg", exif=exif.tobytes(), quality=95)
+    (root / "images" / "train" / "a.png").unlink()
+    from detr.data.coco import CocoDetection
+
+    loaded = load_split(root, "train")
+    dataset = CocoDetection(loaded.image_dir, loaded.source, coco=loaded.coco)
+    image, target = dataset[0]
+    x0, y0, x1, y1 = (int(v) for v in target["boxes"][0].tolist())
+    pixels = image.crop((x0 + 2, y0 + 2, x1 - 2, y1 - 2)).convert("L").getextrema()
+    assert (x0, y0, x1, y1) == (0, 0, 20, 10) and pixels[0] > 200  # white under the box

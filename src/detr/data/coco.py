@@ -223,7 +223,15 @@ class CocoDetection(Dataset):
 
     def load_image(self, index: int) -> Image.Image:
         info = self.coco.imgs[self.ids[index]]
-        return load_annotated_image(self.image_dir / info["file_name"], info.get("width"), info.get("height"))
+        path = self.image_dir / info["file_name"]
+        if info.get("exif_oriented"):  # annotations of the image as shown (YOLO's convention): always orient
+            image = ImageOps.exif_transpose(open_decoded(path))
+            if image.size != (info.get("width"), info.get("height")):
+                raise ImageLoadError(f"image {path} is {image.size[0]}x{image.size[1]} (w x h) after EXIF "
+                                     f"orientation, but the annotation says {info.get('width')}x{info.get('height')}",
+                                     path)
+            return to_rgb(image)
+        return load_annotated_image(path, info.get("width"), info.get("height"))
 
     def __getitem__(self, index: int) -> tuple[Any, Target] | None:
         image_id = self.ids[index]

@@ -137,11 +137,13 @@ def label_path(image: Path) -> Path:
     return image.with_suffix(".txt")
 
 
-def image_size(path: Path) -> tuple[int, int]:
-    """(width, height) as the image is shown (EXIF orientation applied), read from the header only."""
+def image_size(path: Path) -> tuple[int, int, int]:
+    """(width, height) as the image is shown (EXIF orientation applied) and the EXIF orientation, read from
+    the header only."""
     try:
         with Image.open(path) as image:
-            return oriented_size(image.size, exif_orientation(image))
+            orientation = exif_orientation(image)
+            return (*oriented_size(image.size, orientation), orientation)
     except FileNotFoundError:
         raise ImageLoadError(f"image file not found: {path}", path) from None
     except (UnidentifiedImageError, OSError) as e:
@@ -159,7 +161,7 @@ def _numbers(path: Path, lineno: int, fields: Sequence[str]) -> list[float]:
 
 
 def read_labels(path: Path, width: int, height: int, names: Sequence[str], names_source: str,
-                counts: dict[str, int]) -> list[dict[str, Any]]:
+                counts: dict[str, Any]) -> list[dict[str, Any]]:
     """One label file -> COCO annotations (without ids) in absolute pixels."""
     annotations = []
     for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
@@ -186,11 +188,11 @@ def read_labels(path: Path, width: int, height: int, names: Sequence[str], names
         x0, y0, x1, y1 = min(xs), min(ys), max(xs), max(ys)
         if x1 <= x0 or y1 <= y0:
             counts["degenerate_dropped"] += 1
-            counts.setdefault("first_degenerate", f"{path}:{lineno}")  # type: ignore[arg-type]
+            counts.setdefault("first_degenerate", f"{path}:{lineno}")
             continue
         if outside:
             counts["clipped"] += 1
-            counts.setdefault("first_clipped", f"{path}:{lineno}")  # type: ignore[arg-type]
+            counts.setdefault("first_clipped", f"{path}:{lineno}")
         annotation: dict[str, Any] = {"category_id": int(cls), "bbox": [x0, y0, x1 - x0, y1 - y0], "iscrowd": 0}
         if len(fields) == 5:
             annotation["area"] = (x1 - x0) * (y1 - y0)
@@ -220,7 +222,7 @@ def read_yolo(root: str | os.PathLike[str], split: str | None, *, skip_bad_image
     coco_images, annotations = [], []
     for path in images:
         try:
-            width, height = image_size(path)
+            width, height, orientation = image_size(path)
         except ImageLoadError:
             if not skip_bad_images:
                 raise
@@ -228,8 +230,11 @@ def read_yolo(root: str | os.PathLike[str], split: str | None, *, skip_bad_image
             log.warning("skipping unreadable image %s", path)
             continue
         image_id = len(coco_images) + 1
-        coco_images.append({"id": image_id, "file_name": path.relative_to(image_dir).as_posix(),
-                            "width": width, "height": height})
+        info: dict[str, Any] = {"id": image_id, "file_name": path.relative_to(image_dir).as_posix(),
+                                "width": width, "height": height}
+        if orientation != 1:  # the labels describe the image as shown: CocoDetection orients it on loading
+            info["exif_oriented"] = True
+        coco_images.append(info)
         labels = label_path(path)
         found = read_labels(labels, width, height, names, names_source, counts) if labels.is_file() else []
         if not found:
