@@ -13,7 +13,8 @@ An image's label file is its path with the last ``images`` folder replaced by ``
 suffix by ``.txt`` (Ultralytics' rule), or a ``.txt`` beside it when there is no ``images`` folder.
 
 Category ids are the YOLO class indices (0-based), so a model's labels are the file's classes. Boxes
-are absolute xywh of the image as shown (EXIF orientation applied, as Ultralytics reads it). Input
+are absolute xywh of the image as shown (EXIF orientation applied, as Ultralytics reads it); images
+with an EXIF orientation are marked ``"exif_oriented": true`` so that loading orients them too. Input
 that cannot be read is an error naming the file and line; boxes reaching outside the image are
 clipped and counted, degenerate ones dropped and counted; images without a label file are kept as
 background images and counted.
