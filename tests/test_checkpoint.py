@@ -1,15 +1,21 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import pickle
 
+import numpy as np
 import pytest
 import torch
 
 import detr
 from detr.checkpoint import (
     CheckpointError,
+    CorruptCheckpointError,
+    NotACheckpointError,
+    OtherModelError,
+    UnsafeCheckpointError,
     convert_checkpoint,
     load_checkpoint,
     ours_to_reference,
@@ -151,6 +157,85 @@ def test_unreadable_and_unknown_files(tmp_path):
     torch.save({"weight": torch.zeros(2)}, other)
     with pytest.raises(CheckpointError, match="not a DETR model"):
         load_checkpoint(other)
+
+
+@pytest.mark.parametrize(
+    ("content", "what"),
+    [
+        (bytes(range(189, 256)) + os.urandom(4000), "not a format PyTorch writes"),  # was "Unsupported operand 189"
+        (b"<!DOCTYPE html><html><body>Sign in</body></html>", "an HTML page"),
+        (b"\xff\xd8\xff\xe0\x00\x10JFIF" + bytes(100), "a JPEG image"),
+        (b"version https://git-lfs.github.com/spec/v1\noid sha256:abc\nsize 1\n", "a Git LFS pointer"),
+        (b"", "is empty"),
+    ],
+    ids=["random", "html", "jpeg", "lfs", "empty"],
+)
+def test_file_that_is_not_a_checkpoint(tmp_path, content, what):
+    path = tmp_path / "model.pth"
+    path.write_bytes(content)
+    with pytest.raises(NotACheckpointError, match=what) as err:
+        read_checkpoint(path)
+    assert str(path) in str(err.value) and "pickled" not in str(err.value)
+
+
+def test_truncated_or_corrupt_checkpoint(tmp_path):
+    blob = {"model": reference_to_ours({"backbone.0.body.conv1.weight": torch.ones(64, 3, 7, 7)})}
+    whole, legacy = tmp_path / "whole.pth", tmp_path / "legacy.pth"
+    torch.save(blob, whole)
+    torch.save(blob, legacy, _use_new_zipfile_serialization=False)
+    data = whole.read_bytes()
+    half = tmp_path / f"detr-half-{hashlib.sha256(data).hexdigest()[:8]}.pth"  # a download cut in half
+    half.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CorruptCheckpointError, match=r"truncated or corrupt.*without its end") as err:
+        read_checkpoint(half)
+    assert "not the" in str(err.value) and "download it again" in str(err.value)  # the name's hash is checked
+    cut_legacy = tmp_path / "cut_legacy.pth"
+    cut_legacy.write_bytes(legacy.read_bytes()[:-500])
+    with pytest.raises(CorruptCheckpointError, match="cut_legacy.pth is truncated or corrupt"):
+        read_checkpoint(cut_legacy)
+
+
+class SomeTrainerState:
+    pass
+
+
+def test_unsafe_global_is_named(tmp_path):
+    path = tmp_path / "trainer.pth"
+    torch.save({"model": {"x": torch.zeros(1)}, "trainer": SomeTrainerState()}, path)
+    with pytest.raises(UnsafeCheckpointError, match=r"needs the Python object test_checkpoint.SomeTrainerState") as err:
+        read_checkpoint(path)
+    assert err.value.global_name == "test_checkpoint.SomeTrainerState"
+    numpy_pickle = tmp_path / "arrays.pth"
+    torch.save({"w": np.zeros(3)}, numpy_pickle)
+    with pytest.raises(UnsafeCheckpointError, match="NumPy arrays, not a DETR"):
+        read_checkpoint(numpy_pickle)
+
+
+def test_checkpoint_of_another_model_type(tmp_path):
+    from detr.model.backbone import ResNet
+
+    classifier = {**ResNet("resnet18").state_dict(), "fc.weight": torch.zeros(1000, 512), "fc.bias": torch.zeros(1000)}
+    torch.save(classifier, tmp_path / "resnet18.pth")
+    with pytest.raises(OtherModelError, match=r"resnet18.pth: this is an ImageNet ResNet.*--backbone_weights"):
+        read_checkpoint(tmp_path / "resnet18.pth")
+    deformable = {"model": {"backbone.0.body.conv1.weight": torch.zeros(1),
+                            "transformer.level_embed": torch.zeros(4, 256),
+                            "transformer.encoder.layers.0.self_attn.sampling_offsets.weight": torch.zeros(1)}}
+    torch.save(deformable, tmp_path / "deformable.pth")
+    with pytest.raises(OtherModelError, match="Deformable-DETR-family"):
+        load_checkpoint(tmp_path / "deformable.pth")
+    torch.save(torch.zeros(3), tmp_path / "tensor.pth")
+    with pytest.raises(OtherModelError, match="holds a Tensor"):
+        read_checkpoint(tmp_path / "tensor.pth")
+
+
+def test_safetensors_content_under_a_pth_name_is_read(tmp_path):
+    model = detr.build_detr(tiny_config()).eval()
+    path = save_checkpoint(model, tmp_path / "m.safetensors")
+    renamed = tmp_path / "m.pth"
+    renamed.write_bytes(path.read_bytes())
+    sd = safe_torch_load(renamed)
+    assert_state_dicts_equal(sd, {k: v.contiguous() for k, v in model.state_dict().items()})
 
 
 def test_atomic_save_leaves_old_file_on_failure(tmp_path, monkeypatch):

@@ -6,7 +6,15 @@ from .checkpoint import CheckpointError, convert_checkpoint, load_checkpoint, re
 from .config import DetrConfig, preset
 from .data.batch import ImageBatch
 from .export import export_onnx
-from .hub import detr_resnet50, detr_resnet50_dc5, detr_resnet50_panoptic, detr_resnet101, detr_resnet101_dc5
+from .hub import (
+    detr_resnet50,
+    detr_resnet50_dc5,
+    detr_resnet50_dc5_panoptic,
+    detr_resnet50_panoptic,
+    detr_resnet101,
+    detr_resnet101_dc5,
+    detr_resnet101_panoptic,
+)
 from .inference.predictor import Detection, Detector, PanopticSegmentation
 from .model.detr import DETR, build_detr
 from .model.minimal import DETRdemo
@@ -29,9 +37,11 @@ __all__ = [
     "detr_resnet50",
     "export_onnx",
     "detr_resnet50_dc5",
+    "detr_resnet50_dc5_panoptic",
     "detr_resnet50_panoptic",
     "detr_resnet101",
     "detr_resnet101_dc5",
+    "detr_resnet101_panoptic",
     "load_checkpoint",
     "preset",
     "read_checkpoint",

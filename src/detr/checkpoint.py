@@ -21,6 +21,7 @@ import logging
 import os
 import pickle
 import re
+import struct
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -88,6 +89,9 @@ def _layout(state_dict: dict[str, Tensor]) -> str:
     if "linear_class.weight" in keys and "query_pos" in keys:
         return "demo"
     bare = {k.removeprefix("detr.") for k in keys}
+    other = _other_model(bare)  # first: Deformable DETR and kin share DETR's backbone names
+    if other is not None:
+        raise OtherModelError(f"this is {other}")
     if any(k.startswith("backbone.0.") for k in bare):
         return "reference"
     if any(k.startswith("backbone.body.") for k in bare):
@@ -96,10 +100,29 @@ def _layout(state_dict: dict[str, Tensor]) -> str:
         raise CheckpointError(
             "this is a Hugging Face transformers DETR state dict: pass the directory that holds it and its config.json"
         )
-    raise CheckpointError(
+    raise OtherModelError(
         "state dict is not a DETR model: expected keys like 'backbone.0.body.conv1.weight' (reference), "
         f"'backbone.body.conv1.weight' (ours) or 'linear_class.weight' (demo); got e.g. {sorted(keys)[:4]}"
     )
+
+
+class OtherModelError(CheckpointError):
+    """A readable checkpoint of another model type (a classifier, another detector...)."""
+
+
+def _other_model(keys: set[str]) -> str | None:
+    """What a non-DETR state dict holds, when its keys tell."""
+    keys = {k.removeprefix("module.") for k in keys}
+    if "conv1.weight" in keys and "layer1.0.conv1.weight" in keys:
+        return ("an ImageNet ResNet classifier (torchvision/timm layout), not a DETR checkpoint; as backbone "
+                "weights it goes to `detr train --backbone_weights FILE`")
+    if any("sampling_offsets" in k or k.endswith("level_embed") for k in keys):
+        return "a Deformable-DETR-family checkpoint (multi-scale deformable attention), another model type than DETR"
+    if any("ref_point_head" in k for k in keys):
+        return "a Conditional/DAB-DETR checkpoint (reference-point queries), another model type than DETR"
+    if any(k.startswith(("model.22.", "model.24.")) for k in keys):
+        return "a YOLO checkpoint (Ultralytics/YOLOv5 layout), another model type than DETR"
+    return None
 
 
 # --- architecture from weights ---------------------------------------------------------------
@@ -177,23 +200,156 @@ class Checkpoint:
     extra: dict[str, Any] = field(default_factory=dict)  # optimizer, epoch... of training checkpoints
 
 
+class NotACheckpointError(CheckpointError):
+    """The file is not a PyTorch checkpoint at all (an image, an HTML page, random bytes...)."""
+
+
+class CorruptCheckpointError(CheckpointError):
+    """The file looks like a checkpoint but is truncated or damaged."""
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """The checkpoint needs a Python object that loading with ``weights_only`` refuses to build."""
+
+    def __init__(self, message: str, global_name: str | None) -> None:
+        super().__init__(message)
+        self.global_name = global_name
+
+
+# What a file that is not a checkpoint usually turns out to be (first bytes -> what to tell the user).
+_OTHER_FORMATS: tuple[tuple[bytes, str], ...] = (
+    (b"version https://git-lfs", "a Git LFS pointer (run `git lfs pull` to fetch the real file)"),
+    (b"<!doctype html", "an HTML page (a login or error page saved in place of the file?)"),
+    (b"<html", "an HTML page (a login or error page saved in place of the file?)"),
+    (b"<?xml", "an XML document"),
+    (b"\x89png", "a PNG image"),
+    (b"\xff\xd8\xff", "a JPEG image"),
+    (b"\x1f\x8b", "a gzip archive (unpack it first)"),
+    (b"\x89hdf", "an HDF5 file (Keras/TensorFlow weights?)"),
+    (b"{", "JSON text"),
+    (b"[", "JSON text"),
+)
+
+
+def _sniff(head: bytes, size: int) -> str:
+    """"zip" (torch.save), "pickle" (legacy torch.save / plain pickle), "safetensors", or a description."""
+    if head.startswith((b"PK\x03\x04", b"PK\x05\x06")):
+        return "zip"
+    if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:  # PROTO opcode
+        return "pickle"
+    if len(head) >= 9 and head[8:9] == b"{" and 8 + int.from_bytes(head[:8], "little") <= size:
+        return "safetensors"
+    lowered = head.lstrip().lower()
+    for magic, what in _OTHER_FORMATS:
+        if lowered.startswith(magic):
+            return what
+    if len(head) > 262 and head[257:262] == b"ustar":
+        return "a tar archive (unpack it first)"
+    return "not a format PyTorch writes"
+
+
+def _damage_hint(path: Path) -> str:
+    from .weights import _sha256, hash_prefix_of
+
+    prefix = hash_prefix_of(path.name)
+    if prefix is None:
+        return "Save or copy it again."
+    actual = _sha256(path)
+    if actual.startswith(prefix):
+        return f"Its sha256 ({actual[:12]}...) matches the {prefix} its name promises, so it was written damaged."
+    return (f"Its sha256 starts with {actual[:8]}, not the {prefix} its name promises: delete it and download "
+            "it again.")
+
+
 def safe_torch_load(path: str | Path) -> Any:
-    """torch.load that only ever reconstructs tensors, containers and argparse.Namespace."""
+    """torch.load that only ever reconstructs tensors, containers and argparse.Namespace.
+
+    Tells apart, each with its own error: a file that is no checkpoint (NotACheckpointError), a truncated
+    or damaged one (CorruptCheckpointError) and one that needs an unsafe Python object
+    (UnsafeCheckpointError, naming it).
+    """
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint not found: {path}")
+    size = path.stat().st_size
+    if size == 0:
+        raise NotACheckpointError(f"{path} is empty (0 bytes), not a checkpoint")
+    with open(path, "rb") as f:
+        head = f.read(512)
+    kind = _sniff(head, size)
+    if kind == "safetensors":  # safetensors content under another suffix: read it as such
+        return _read_safetensors(path)[0]
+    if kind not in ("zip", "pickle"):
+        raise NotACheckpointError(
+            f"{path} is not a PyTorch checkpoint: its content is {kind} ({size} bytes, starting {head[:12]!r}); "
+            "a checkpoint is a torch.save zip archive, a legacy torch.save pickle or a .safetensors file"
+        )
+    if kind == "zip":
+        import zipfile
+
+        if not zipfile.is_zipfile(path):  # the end of the archive (its directory) is missing
+            raise CorruptCheckpointError(
+                f"{path} is truncated or corrupt: a zip archive ({size} bytes) without its end. {_damage_hint(path)}"
+            )
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+        if not any(n == "data.pkl" or n.endswith("/data.pkl") for n in names):
+            raise NotACheckpointError(
+                f"{path} is a zip archive but not a PyTorch checkpoint (no data.pkl; it holds e.g. {names[:4]})"
+            )
     try:
         with torch.serialization.safe_globals(SAFE_GLOBALS):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        detail = str(e).strip().splitlines()
-        reason = next((line for line in detail if "GLOBAL" in line or "Unsupported" in line), detail[0])
-        raise CheckpointError(
+        text = str(e)
+        found = re.search(r"GLOBAL ([\w.]+)", text)
+        if found:
+            name = found.group(1)
+            raise UnsafeCheckpointError(
+                f"refusing to load {path}: it needs the Python object {name}, which is not a tensor, a plain "
+                f"container or argparse.Namespace{_known_owner(name)}. Unpickling it could run arbitrary code, so "
+                "this loader never does; load the file where you trust it and save its state_dict() instead.",
+                name,
+            ) from None
+        if "truncated" in text or "EOF" in text:
+            raise CorruptCheckpointError(f"{path} is truncated or corrupt ({_first_line(text)}). "
+                                         f"{_damage_hint(path)}") from None
+        raise UnsafeCheckpointError(
             f"refusing to load {path}: it contains pickled objects other than tensors and plain containers "
-            f"({reason.strip()}). Unpickling them could run arbitrary code, so this loader never does."
+            f"({_first_line(text)}). Unpickling them could run arbitrary code, so this loader never does.",
+            None,
         ) from None
-    except (RuntimeError, EOFError, OSError) as e:
-        raise CheckpointError(f"cannot read checkpoint {path}: {e}") from None
+    except (RuntimeError, EOFError, OSError, ValueError, IndexError, KeyError, struct.error) as e:
+        raise CorruptCheckpointError(
+            f"{path} is truncated or corrupt ({_first_line(str(e)) or type(e).__name__}). {_damage_hint(path)}"
+        ) from None
+
+
+def _first_line(text: str) -> str:
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    interesting = [line for line in lines if "GLOBAL" in line or "Unsupported" in line]
+    return (interesting or lines or [""])[0]
+
+
+# Libraries whose pickled classes mark a checkpoint of another model type.
+_OWNERS = {
+    "ultralytics": "an Ultralytics YOLO checkpoint",
+    "models.yolo": "a YOLOv5 checkpoint",
+    "mmdet": "an MMDetection checkpoint",
+    "mmengine": "an MMDetection/MMEngine checkpoint",
+    "detectron2": "a Detectron2 checkpoint",
+    "numpy": "a pickle holding NumPy arrays",
+    "pytorch_lightning": "a PyTorch Lightning checkpoint",
+    "lightning": "a PyTorch Lightning checkpoint",
+    "sklearn": "a scikit-learn model",
+}
+
+
+def _known_owner(global_name: str) -> str:
+    for prefix, what in _OWNERS.items():
+        if global_name == prefix or global_name.startswith(prefix + "."):
+            return f"; this looks like {what}, not a DETR"
+    return ""
 
 
 def _read_safetensors(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
@@ -219,9 +375,24 @@ def _config_from_metadata(meta: dict[str, Any], path: Path) -> tuple[str, DetrCo
         raise CheckpointError(f"{path}: invalid 'config' in checkpoint metadata: {e}") from None
 
 
+def locate(spec: str | Path) -> Path:
+    """A local path as is; a released name (``detr-r50``) or a URL -> the cached file, downloaded on
+    first use (see ``detr.weights``)."""
+    from .weights import is_url, names_hint, resolve
+
+    path = resolve(spec)
+    if not path.exists() and not is_url(spec) and os.sep not in str(spec) and "." not in str(spec):
+        raise FileNotFoundError(f"checkpoint not found: {spec} is neither a file nor a known name ({names_hint()})")
+    return path
+
+
 def read_checkpoint(path: str | Path) -> Checkpoint:
-    """Read any supported checkpoint into our layout without building a model."""
-    path = Path(path)
+    """Read any supported checkpoint into our layout without building a model.
+
+    ``path``: a file or directory, a released name (``detr-r50``, see ``detr.weights.NAMES``) or a URL;
+    names and URLs are downloaded into the cache on first use.
+    """
+    path = locate(path)
     if path.is_dir():
         if _is_hf_directory(path):  # transformers' save_pretrained: config.json names a model_type
             return read_hf_checkpoint(path)
@@ -245,7 +416,7 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
         return _from_state_dict(sd, path)
     obj = safe_torch_load(path)
     if not isinstance(obj, dict):
-        raise CheckpointError(f"{path}: expected a dict, found {type(obj).__name__}")
+        raise OtherModelError(f"{path}: a checkpoint holds a dict of weights; this file holds a {type(obj).__name__}")
     if "model" in obj and isinstance(obj["model"], dict):
         if "config" in obj:  # our training checkpoint
             kind, config, demo = _config_from_metadata(obj, path)
@@ -260,15 +431,75 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
         return ckpt
     if all(isinstance(v, Tensor) for v in obj.values()):
         return _from_state_dict(obj, path)
-    raise CheckpointError(f"{path}: unrecognized checkpoint (top-level keys {sorted(obj)[:8]})")
+    raise OtherModelError(f"{path}: unrecognized checkpoint (top-level keys {sorted(map(str, obj))[:8]})")
 
 
 def _from_state_dict(sd: dict[str, Tensor], path: Path) -> Checkpoint:
-    layout = _layout(sd)
+    try:
+        layout = _layout(sd)
+    except OtherModelError as e:
+        raise OtherModelError(f"{path}: {e}") from None
     if layout == "demo":
         return Checkpoint(dict(sd), "demo", "demo", demo_config=infer_demo_config(sd))
     ours = reference_to_ours(sd) if layout == "reference" else dict(sd)
     return Checkpoint(ours, "detr", f"{layout}-bare")
+
+
+# --- ImageNet backbones -------------------------------------------------------------------------
+
+_BACKBONE_PREFIXES = ("backbone.0.body.", "backbone.body.", "detr.backbone.0.body.", "detr.backbone.body.")
+
+
+def read_backbone_weights(spec: str | Path) -> tuple[dict[str, Tensor], Path, str]:
+    """ResNet trunk weights in torchvision's names, from a torchvision or timm ImageNet file.
+
+    ``spec``: a file (``.pth``/``.pt``/``.bin``/``.safetensors``), a folder with ``model.safetensors`` or
+    ``pytorch_model.bin`` (a timm hub download), a name (``resnet50``) or a URL. Read: torchvision's
+    state dicts, timm's (the same names; the ``fc`` head is dropped), training files that wrap them
+    (``{"state_dict": ...}``, ``module.`` / ``model.`` prefixes) and the backbone of a DETR checkpoint.
+    Returns (state dict, the local file, what it was).
+    """
+    path = locate(spec)
+    if path.is_dir():
+        inner = [path / n for n in ("model.safetensors", "pytorch_model.bin") if (path / n).is_file()]
+        if not inner:
+            raise CheckpointError(f"{path}: a weights folder needs model.safetensors or pytorch_model.bin")
+        path = inner[0]
+    obj: Any = _read_safetensors(path)[0] if path.suffix == ".safetensors" else safe_torch_load(path)
+    for key in ("state_dict", "model", "module"):  # timm/Lightning training files; DETR files
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+            break
+    if not isinstance(obj, dict) or not all(isinstance(v, Tensor) for v in obj.values()):
+        raise CheckpointError(f"{path}: expected a state dict of tensors (ImageNet ResNet weights)")
+    sd = {k.removeprefix("module."): v for k, v in obj.items()}
+    what = "torchvision/timm ResNet layout"
+    for prefix in _BACKBONE_PREFIXES:
+        if any(k.startswith(prefix) for k in sd):
+            sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+            what = "the backbone of a DETR checkpoint"
+            break
+    else:
+        if sd and all(k.startswith("model.") for k in sd):  # Lightning-style wrapper
+            sd = {k.removeprefix("model."): v for k, v in sd.items()}
+    sd = {k: v for k, v in sd.items() if not k.startswith("fc.") and not k.endswith("num_batches_tracked")}
+    if "conv1.weight" not in sd or not any(k.startswith("layer4.") for k in sd):
+        hint = (" (transformers' ResNetModel layout is not read: use torchvision's or timm's file)"
+                if any("embedder" in k for k in sd) else "")
+        raise CheckpointError(
+            f"{path}: not ResNet weights in torchvision/timm layout: expected conv1.weight, bn1.*, layer1..layer4.*; "
+            f"got e.g. {sorted(sd)[:4]}{hint}"
+        )
+    return sd, path, what
+
+
+def backbone_depth(state_dict: dict[str, Tensor]) -> str:
+    """The torchvision ResNet a trunk state dict fits (resnet18/34/50/101), or a description."""
+    keys = list(state_dict)
+    blocks = _count(keys, r"layer3\.(\d+)\.")
+    bottleneck = "layer1.0.conv3.weight" in state_dict
+    known = {(2, False): "resnet18", (6, False): "resnet34", (6, True): "resnet50", (23, True): "resnet101"}
+    return known.get((blocks, bottleneck), f"a ResNet with {blocks} blocks in layer3 (bottleneck={bottleneck})")
 
 
 # --- Hugging Face transformers DETR ------------------------------------------------------------

@@ -141,7 +141,13 @@ def model_config_from_args(args: argparse.Namespace, num_classes: int | None = N
 
 def add_data_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("data")
-    g.add_argument("--coco_path", default=None, help="COCO layout: train2017/ val2017/ annotations/")
+    g.add_argument("--coco_path", "--data_path", dest="coco_path", default=None,
+                   help="the data folder: COCO (train2017/ val2017/ annotations/), YOLO (data.yaml or images/ + "
+                        "labels/) or Pascal VOC (Annotations/ ImageSets/Main/ JPEGImages/)")
+    g.add_argument("--dataset_format", choices=("coco", "yolo", "voc"), default=None,
+                   help="the layout of --coco_path (default: detected when unambiguous)")
+    g.add_argument("--train_split", default=None, help="yolo/voc: the training split's name (default train)")
+    g.add_argument("--val_split", default=None, help="yolo/voc: the validation split's name (default val)")
     g.add_argument("--dataset_file", choices=("coco", "coco_panoptic"), default="coco",
                    help="coco: instances json (+ masks with --masks); coco_panoptic: panoptic json + PNGs, as in "
                         "the reference (stage 1 boxes of all segments, stage 2 --masks --frozen_weights)")
@@ -172,7 +178,8 @@ def _setup_logging(verbose: bool = False) -> None:
 
 
 def _train_num_classes(args: argparse.Namespace) -> int | None:
-    """max category id + 1 of the training json (the reference's meaning of num_classes)."""
+    """max category id + 1 of the training annotations (the reference's meaning of num_classes)."""
+    from .data.formats import category_count, detect_format, load_split
     from .engine.train import TrainOptions, _split_paths
 
     if args.dataset_file == "coco_panoptic":
@@ -181,16 +188,15 @@ def _train_num_classes(args: argparse.Namespace) -> int | None:
         root = args.coco_panoptic_path or args.coco_path
         if root is None:
             raise SystemExit("--dataset_file coco_panoptic needs --coco_panoptic_path DIR (or --coco_path DIR)")
-        ann = coco_panoptic_paths(root, "train")[1]
-    else:
-        opts = TrainOptions(coco_path=args.coco_path, train_images=args.train_images, train_json=args.train_json)
-        ann = Path(_split_paths(opts, "train")[1])
-    if not ann.is_file():
-        raise FileNotFoundError(f"annotation file not found: {ann}")
-    categories = json.loads(ann.read_text()).get("categories") or []
-    if not categories:
-        raise ValueError(f"{ann}: no categories")
-    return max(int(c["id"]) for c in categories) + 1
+        return category_count(coco_panoptic_paths(root, "train")[1])
+    if args.coco_path and not args.train_images:
+        fmt = args.dataset_format or detect_format(args.coco_path)
+        if fmt != "coco":
+            loaded = load_split(args.coco_path, "train", fmt, split_name=args.train_split,
+                                skip_bad_images=args.skip_bad_images)
+            return max(int(c["id"]) for c in loaded.dataset["categories"]) + 1
+    opts = TrainOptions(coco_path=args.coco_path, train_images=args.train_images, train_json=args.train_json)
+    return category_count(_split_paths(opts, "train")[1])
 
 
 # --- commands --------------------------------------------------------------------------------
@@ -214,7 +220,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         device=args.device, amp=args.amp, resume=args.resume, pretrained=args.pretrained,
         frozen_weights=args.frozen_weights, train_scales=args.train_scales, max_size=args.max_size,
         val_scale=args.val_scale, eval_every=args.eval_every, skip_bad_images=args.skip_bad_images, ema=args.ema,
-        progress=args.progress, augment=args.augment,
+        progress=args.progress, augment=args.augment, backbone_weights=args.backbone_weights,
+        tensorboard=args.tensorboard, dataset_format=args.dataset_format, train_split=args.train_split,
+        val_split=args.val_split,
     )
     log.info("model: %s", json.dumps(config.to_dict()))
     try:
@@ -246,7 +254,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     options = TrainOptions(coco_path=args.coco_path, val_images=args.val_images, val_json=args.val_json,
                            batch_size=args.batch_size, num_workers=args.num_workers, val_scale=args.val_scale,
                            max_size=args.max_size, train_scales=args.train_scales,
-                           skip_bad_images=args.skip_bad_images)
+                           skip_bad_images=args.skip_bad_images, dataset_format=args.dataset_format,
+                           val_split=args.val_split)
     masks = isinstance(model, DETRsegm)
     if args.compile:
         model = compile_for_inference(model)
@@ -281,6 +290,15 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data_convert(args: argparse.Namespace) -> int:
+    from .data.formats import convert
+
+    summary = convert(args.source, args.out, from_format=args.from_format, to=args.to, split=args.split,
+                      images=args.images)
+    print(json.dumps(summary))
+    return 0
+
+
 def cmd_plot(args: argparse.Namespace) -> int:
     from .engine.plot import plot_log
 
@@ -308,7 +326,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--output_dir", default="outputs")
     g.add_argument("--resume", default=None, help="continue a run from its checkpoint.pth")
     g.add_argument("--pretrained", default=None,
-                   help="start from these weights (any format); a class head of another size is re-initialized")
+                   help="start from these weights (any format, a name such as detr-r50, or a URL); a class head "
+                        "of another size is re-initialized")
+    g.add_argument("--backbone_weights", default=None, metavar="imagenet|NAME|PATH|URL|none",
+                   help="ImageNet weights for the backbone: imagenet (torchvision's, of --backbone's depth), a name "
+                        "(resnet50), a torchvision/timm file or a URL; downloaded once into $DETR_CACHE. Default: "
+                        "imagenet for a frozen-BatchNorm backbone (the reference), none for --backbone_norm "
+                        "group_norm. --pretrained takes precedence")
+    g.add_argument("--tensorboard", action="store_true",
+                   help="also write log.jsonl's scalars as TensorBoard events to OUTPUT/tensorboard "
+                        "(needs the tensorboard package)")
     g.add_argument("--frozen_weights", default=None, help="panoptic stage 2: frozen detector weights")
     g.add_argument("--eval", action="store_true", help="only evaluate --resume on the val split")
     g.add_argument("--eval_every", type=int, default=1)
@@ -354,16 +381,34 @@ def build_parser() -> argparse.ArgumentParser:
     from .export import add_export_parser
 
     add_export_parser(sub)
-    add_panoptic_parsers(sub)
+    data_sub = add_panoptic_parsers(sub)
+    p = data_sub.add_parser(
+        "convert", help="a YOLO or Pascal VOC dataset -> COCO json (or any of coco/yolo/voc -> another)",
+        description="Reads the dataset as `detr train --dataset_format` does (same class ids, clipping and counts) "
+                    "and writes it: a COCO json (pair it with the image folder it prints), or a YOLO/VOC folder "
+                    "whose images link to the originals.",
+    )
+    p.add_argument("source", help="the dataset folder (yolo, voc), or the COCO json (coco, with --images)")
+    p.add_argument("--from", dest="from_format", choices=("yolo", "voc", "coco"), default=None,
+                   help="the source layout (default: detected; a .json file is coco)")
+    p.add_argument("--to", choices=("coco", "yolo", "voc"), default="coco")
+    p.add_argument("--out", required=True, help="the json file to write (--to coco) or the folder (yolo, voc)")
+    p.add_argument("--split", default=None,
+                   help="the split to read (yolo: images/SPLIT or a data.yaml key; voc: ImageSets/Main/SPLIT.txt; "
+                        "default: every image) and, --to yolo|voc, the split name written (default train)")
+    p.add_argument("--images", default=None, help="--from coco: the image folder the json describes")
+    p.set_defaults(func=cmd_data_convert)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .weights import DownloadError
+
     args = build_parser().parse_args(argv)
     _setup_logging()
     try:
         return int(args.func(args) or 0)
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, ValueError, DownloadError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
 

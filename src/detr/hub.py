@@ -1,9 +1,12 @@
 """Hub-style factories: ``detr_resnet50(weights=...)`` and friends, named like the reference's torch.hub entries.
 
-Each factory builds one of the paper's models. ``weights`` is None (random initialization) or a
+Each factory builds one of the paper's models. ``weights`` is None (random initialization),
+``"coco"`` (the factory's released model: ``detr_resnet50(weights="coco")`` is the reference's
+``pretrained=True``), a released name (``"detr-r50"``, see ``detr.weights.NAMES``), a URL, or a
 local file or directory in any format ``load_checkpoint`` reads (the reference's ``.pth``, our
-``.safetensors``, a transformers ``save_pretrained`` directory). Nothing is downloaded, ever: a URL
-or a hub name is refused with a message saying to fetch the file yourself.
+``.safetensors``, a transformers ``save_pretrained`` directory). Names and URLs are downloaded once
+into the cache (``DETR_CACHE``) and verified; model hub names (``facebook/detr-resnet-50``) are not
+fetched: download that repository yourself and pass its directory.
 
 With weights, the transformer's size, the query count and the position encoding come from the
 file (as in ``load_checkpoint``); the factory fixes the backbone, DC5 and the mask head, and checks
@@ -20,42 +23,50 @@ from typing import Any
 
 from torch import nn
 
-from .checkpoint import CheckpointError, infer_config, load_weights, read_checkpoint
+from .checkpoint import CheckpointError, infer_config, load_weights, locate, read_checkpoint
 from .config import preset
 from .model.detr import build_detr
+from .weights import names_hint
 
 log = logging.getLogger(__name__)
 
 Weights = str | Path | None
 
-_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 _HUB_NAME = re.compile(r"^[\w.-]+/[\w.-]+$")  # e.g. facebook/detr-resnet-50
 
+# The released COCO model of each factory (weights="coco").
+COCO_WEIGHTS = {
+    "r50": "detr-r50", "r50-dc5": "detr-r50-dc5", "r101": "detr-r101", "r101-dc5": "detr-r101-dc5",
+    "panoptic": "detr-r50-panoptic", "panoptic-dc5": "detr-r50-dc5-panoptic", "panoptic-r101": "detr-r101-panoptic",
+}
 
-def _local_weights(weights: str | Path) -> Path:
+
+def _local_weights(weights: str | Path, preset_name: str) -> Path:
     text = str(weights)
-    if _URL.match(text):
-        raise CheckpointError(
-            f"weights={text!r} is a URL: detr never downloads anything. Download the file yourself "
-            "(e.g. `curl -LO <url>`) and pass its local path."
-        )
-    path = Path(weights).expanduser()
+    if text == "coco":
+        text = COCO_WEIGHTS[preset_name]
+    path = locate(text)
     if not path.exists():
         hint = (
-            " It looks like a model hub name: hub downloads are not done either; download the repository "
+            " It looks like a model hub name: hub repositories are not fetched; download the repository "
             "(config.json + model.safetensors) yourself and pass its local directory."
             if _HUB_NAME.match(text)
-            else ""
+            else f" Pass a local file, a URL or a known name ({names_hint()})."
         )
         raise FileNotFoundError(f"weights not found: {path}.{hint}")
     return path
 
 
 def _factory(name: str, weights: Weights, num_classes: int, overrides: dict[str, Any]) -> nn.Module:
-    target = preset(name, num_classes=num_classes, **overrides)
+    base, _, variant = name.partition(":")  # "panoptic:dc5" -> the panoptic preset with DC5
+    target = preset(base, num_classes=num_classes, **overrides)
+    if variant == "dc5":
+        target = target.with_backbone(dilation=True)
+    elif variant == "r101":
+        target = target.with_backbone(name="resnet101")
     if weights is None:
         return build_detr(target).eval()
-    path = _local_weights(weights)
+    path = _local_weights(weights, base + (f"-{variant}" if variant else ""))
     ckpt = read_checkpoint(path)
     if ckpt.kind != "detr":
         raise CheckpointError(f"{path}: holds the {ckpt.kind} model, not a DETR")
@@ -112,4 +123,17 @@ def detr_resnet50_panoptic(weights: Weights = None, num_classes: int = 250, **ov
     return _factory("panoptic", weights, num_classes, overrides)
 
 
-__all__ = ["detr_resnet50", "detr_resnet50_dc5", "detr_resnet101", "detr_resnet101_dc5", "detr_resnet50_panoptic"]
+def detr_resnet50_dc5_panoptic(weights: Weights = None, num_classes: int = 250, **overrides: Any) -> nn.Module:
+    """Panoptic DETR-DC5, ResNet-50 (the reference's ``detr_resnet50_dc5_panoptic``)."""
+    return _factory("panoptic:dc5", weights, num_classes, overrides)
+
+
+def detr_resnet101_panoptic(weights: Weights = None, num_classes: int = 250, **overrides: Any) -> nn.Module:
+    """Panoptic DETR, ResNet-101 (the reference's ``detr_resnet101_panoptic``)."""
+    return _factory("panoptic:r101", weights, num_classes, overrides)
+
+
+__all__ = [
+    "detr_resnet50", "detr_resnet50_dc5", "detr_resnet101", "detr_resnet101_dc5", "detr_resnet50_panoptic",
+    "detr_resnet50_dc5_panoptic", "detr_resnet101_panoptic",
+]

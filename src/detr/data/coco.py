@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import logging
 import os
 import random
@@ -117,13 +118,40 @@ def load_annotated_image(path: Path, width: int | None, height: int | None) -> I
     )
 
 
-def load_coco(path: str | os.PathLike[str]) -> COCO:
-    """A COCO-format json as a pycocotools ``COCO``, without its progress prints."""
+def read_json(path: str | os.PathLike[str], what: str = "annotation file") -> Any:
+    """Parse a json file; a syntax error names the file, line and column."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"annotation file not found: {path}")
+        raise FileNotFoundError(f"{what} not found: {path}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}:{e.lineno}:{e.colno}: invalid JSON in this {what}: {e.msg}") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text, so not a json {what} ({e.reason} at byte {e.start})") from None
+
+
+def coco_api(dataset: dict[str, Any], source: str | os.PathLike[str] = "<memory>") -> COCO:
+    """A COCO-format dict as a pycocotools ``COCO`` (indexed), without its progress prints."""
+    if not isinstance(dataset, dict):
+        raise ValueError(f"{source}: a COCO annotation file holds a json object, not a {type(dataset).__name__}")
+    for key in ("images", "annotations"):
+        if key in dataset and not isinstance(dataset[key], list):
+            raise ValueError(f"{source}: '{key}' must be a list")
+    coco = COCO()
+    coco.dataset = dataset
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
-        return COCO(str(path))
+        try:
+            coco.createIndex()
+        except (KeyError, TypeError) as e:
+            raise ValueError(f"{source}: malformed COCO annotations (missing or wrong field {e})") from None
+    return coco
+
+
+def load_coco(path: str | os.PathLike[str]) -> COCO:
+    """A COCO-format json as a pycocotools ``COCO``, without its progress prints."""
+    return coco_api(read_json(path), path)
 
 
 class CocoDetection(Dataset):
@@ -149,12 +177,13 @@ class CocoDetection(Dataset):
         return_masks: bool = False,
         skip_bad_images: bool = False,
         seed: int | None = None,
+        coco: COCO | None = None,
     ) -> None:
         self.image_dir = Path(image_dir)
-        self.annotation_file = Path(annotation_file)
+        self.annotation_file = Path(annotation_file)  # with ``coco``: where those annotations came from
         if not self.image_dir.is_dir():
             raise FileNotFoundError(f"image folder not found: {self.image_dir}")
-        self.coco = load_coco(self.annotation_file)
+        self.coco = coco if coco is not None else load_coco(self.annotation_file)
         self.ids = sorted(self.coco.imgs.keys())
         self.transforms = transforms
         self.return_masks = return_masks
@@ -194,7 +223,15 @@ class CocoDetection(Dataset):
 
     def load_image(self, index: int) -> Image.Image:
         info = self.coco.imgs[self.ids[index]]
-        return load_annotated_image(self.image_dir / info["file_name"], info.get("width"), info.get("height"))
+        path = self.image_dir / info["file_name"]
+        if info.get("exif_oriented"):  # annotations of the image as shown (YOLO's convention): always orient
+            image = ImageOps.exif_transpose(open_decoded(path))
+            if image.size != (info.get("width"), info.get("height")):
+                raise ImageLoadError(f"image {path} is {image.size[0]}x{image.size[1]} (w x h) after EXIF "
+                                     f"orientation, but the annotation says {info.get('width')}x{info.get('height')}",
+                                     path)
+            return to_rgb(image)
+        return load_annotated_image(path, info.get("width"), info.get("height"))
 
     def __getitem__(self, index: int) -> tuple[Any, Target] | None:
         image_id = self.ids[index]

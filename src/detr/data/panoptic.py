@@ -43,7 +43,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from detr.boxes import masks_to_boxes_xyxy
-from detr.data.coco import SPLITS, CocoDetection, decode_segmentation, load_annotated_image
+from detr.data.coco import SPLITS, CocoDetection, decode_segmentation, load_annotated_image, read_json
 from detr.data.images import ImageLoadError
 from detr.data.transforms import Target, Transform
 from detr.postprocess import rgb_to_segment_ids, segment_ids_to_png
@@ -64,18 +64,6 @@ __all__ = [
 # ----------------------------------------------------------------------------------------------
 # Files
 # ----------------------------------------------------------------------------------------------
-
-
-def read_json(path: str | os.PathLike[str], what: str = "json file") -> Any:
-    """Load a json file; missing or malformed files raise errors that name the file."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{what} not found: {path}")
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path}: not valid json ({err})") from err
 
 
 def _require_keys(data: Any, keys: Sequence[str], path: Path) -> None:

@@ -42,8 +42,9 @@ def cmd_panoptic_from_instances(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_panoptic_parsers(subparsers: Any) -> None:
-    """Add ``eval-panoptic`` and ``data panoptic-from-instances`` to the ``detr`` subcommands."""
+def add_panoptic_parsers(subparsers: Any) -> Any:
+    """Add ``eval-panoptic`` and ``data panoptic-from-instances`` to the ``detr`` subcommands; returns
+    the ``data`` command's subparsers (for the other dataset tools)."""
     p = subparsers.add_parser(
         "eval-panoptic",
         help="panoptic quality (PQ, SQ, RQ) of COCO-panoptic prediction files against ground-truth files",
@@ -71,6 +72,7 @@ def add_panoptic_parsers(subparsers: Any) -> None:
     p.add_argument("--images", default=None,
                    help="image folder: read sizes missing from the json and skip missing/unreadable images")
     p.set_defaults(func=cmd_panoptic_from_instances)
+    return data_sub
 
 
 def add_panoptic_eval_flags(p: argparse.ArgumentParser) -> None:

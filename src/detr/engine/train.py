@@ -24,10 +24,18 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 
-from ..checkpoint import CheckpointError, atomic_write, load_weights, read_checkpoint, save_checkpoint
+from ..checkpoint import (
+    SAFE_GLOBALS,
+    CheckpointError,
+    atomic_write,
+    load_weights,
+    read_checkpoint,
+    save_checkpoint,
+)
 from ..config import DetrConfig
 from ..data.batch import DetectionBatch, collate_detection
 from ..data.coco import CocoDetection, build_coco
+from ..data.formats import detect_format, load_split
 from ..data.panoptic import CocoPanoptic, coco_panoptic_paths
 from ..data.transforms import make_coco_transforms
 from ..loss import SetCriterion
@@ -80,6 +88,14 @@ class TrainOptions:
     augment: bool = True  # False: training images get the evaluation resize only (no flip, crop, scales)
     ema: float | None = None  # decay of an exponential moving average of the weights, evaluated and saved
     class_names: dict[int, str] = field(default_factory=dict)
+    # ImageNet weights for the backbone: "imagenet" (torchvision's, of the configured depth), a name
+    # (resnet50), a torchvision/timm file, a URL, or "none". None: "imagenet" for a frozen-BatchNorm
+    # backbone (the reference), "none" for a trained normalization. --pretrained/--resume take precedence.
+    backbone_weights: str | None = None
+    dataset_format: str | None = None  # "coco", "yolo" or "voc"; None: detected from the data folder
+    train_split: str | None = None  # yolo/voc split names (default: train, then trainval)
+    val_split: str | None = None  # (default: val, then test)
+    tensorboard: bool = False  # also write log.jsonl's scalars as TensorBoard events (OUTPUT/tensorboard)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -132,10 +148,18 @@ def build_dataset(
         transforms = make_coco_transforms("val", scales=val_scales, max_size=options.max_size)
     if options.dataset_file == "coco_panoptic":
         return _build_panoptic(options, split, transforms, masks)
+    custom = options.train_images if split == "train" else options.val_images
+    if options.coco_path and not custom:
+        fmt = options.dataset_format or detect_format(options.coco_path)
+        if fmt == "coco":
+            return build_coco(options.coco_path, split, transforms=transforms, return_masks=masks,
+                              skip_bad_images=options.skip_bad_images, seed=options.seed)
+        # YOLO / VOC: read into COCO-format annotations once, then the same dataset as COCO's
+        loaded = load_split(options.coco_path, split, fmt, skip_bad_images=options.skip_bad_images,
+                            split_name=options.train_split if split == "train" else options.val_split)
+        return CocoDetection(loaded.image_dir, loaded.source, coco=loaded.coco, transforms=transforms,
+                             return_masks=masks, skip_bad_images=options.skip_bad_images, seed=options.seed)
     images, ann = _split_paths(options, split)
-    if options.coco_path and not (options.train_images or options.val_images):
-        return build_coco(options.coco_path, split, transforms=transforms, return_masks=masks,
-                          skip_bad_images=options.skip_bad_images, seed=options.seed)
     return CocoDetection(images, ann, transforms=transforms, return_masks=masks,
                          skip_bad_images=options.skip_bad_images, seed=options.seed)
 
@@ -186,7 +210,8 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save_training_checkpoint(path: Path, model: nn.Module, optimizer, scheduler, epoch: int,
-                             options: TrainOptions, ema: ModelEMA | None = None) -> None:
+                             options: TrainOptions, *, best: dict[str, Any] | None = None,
+                             ema: ModelEMA | None = None) -> None:
     model = _unwrap(model)
     blob = {
         "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
@@ -198,27 +223,90 @@ def save_training_checkpoint(path: Path, model: nn.Module, optimizer, scheduler,
         "rng": rng_state(),
         "options": json.dumps(options.to_dict()),
     }
+    if best is not None:
+        blob["best"] = best
     if ema is not None:
         blob["ema"] = ema.state_dict()
     atomic_write(path, lambda tmp: torch.save(blob, tmp))
 
 
+# The validation metric that picks checkpoint_best.pth: PQ for panoptic runs, else box AP.
+BEST_METRICS = ("panoptic_PQ", "bbox_AP")
+
+
+def save_best_checkpoint(path: Path, model: nn.Module, best: dict[str, Any], options: TrainOptions) -> None:
+    """The weights of the best evaluation so far (no optimizer state: for eval, predict and --pretrained)."""
+    model = _unwrap(model)
+    blob = {
+        "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "config": model.config.to_dict(),
+        "kind": "detr",
+        "epoch": best["epoch"],
+        "best": best,
+        "options": json.dumps(options.to_dict()),
+    }
+    atomic_write(path, lambda tmp: torch.save(blob, tmp))
+
+
+def _best_so_far(options: TrainOptions, out_dir: Path, start_epoch: int) -> dict[str, Any] | None:
+    """On --resume: the best evaluation before ``start_epoch``, from the resumed checkpoint or from
+    checkpoint_best.pth (which an evaluation after the last checkpoint.pth may have written)."""
+    if not options.resume:
+        return None
+    candidates = []
+    for path in (Path(options.resume), out_dir / "checkpoint_best.pth"):
+        if not path.is_file():
+            continue
+        try:  # mmap: only the small pickle is parsed, the tensors are not read
+            with torch.serialization.safe_globals(SAFE_GLOBALS):
+                stored = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("best")
+        except Exception:  # an unreadable best file only means no earlier best is known
+            stored = None
+        if isinstance(stored, dict) and stored.get("epoch", start_epoch) < start_epoch:
+            candidates.append(stored)
+    return max(candidates, key=lambda b: b["value"]) if candidates else None
+
+
 # --- the loop --------------------------------------------------------------------------------
 
 class JsonLog:
-    """Append-only JSON-lines log (rank 0 only); one object per step and per epoch."""
+    """Append-only JSON-lines log (rank 0 only); one object per step and per epoch.
 
-    def __init__(self, path: Path | None) -> None:
+    With ``tensorboard`` (a folder), every numeric value also goes to TensorBoard: step records as
+    ``train/<key>`` at their global step, epoch records as ``epoch/<key>`` at their epoch.
+    """
+
+    def __init__(self, path: Path | None, *, tensorboard: Path | None = None) -> None:
         self.path = path
         self._file = open(path, "a", buffering=1) if path is not None else None  # noqa: SIM115
+        self._writer = None
+        if tensorboard is not None and path is not None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as e:  # torch's writer needs the tensorboard package
+                self.close()
+                raise ImportError(f"--tensorboard needs the tensorboard package: pip install 'detr[tensorboard]' "
+                                  f"(or pip install tensorboard); {e}") from None
+            self._writer = SummaryWriter(log_dir=str(tensorboard))
 
     def write(self, record: dict[str, Any]) -> None:
         if self._file is not None:
             self._file.write(json.dumps(record) + "\n")
+        if self._writer is not None:
+            step_record = record.get("type") == "step"
+            group, step = ("train", record["step"]) if step_record else ("epoch", record["epoch"])
+            for key, value in record.items():
+                if key in ("type", "step", "epoch") or isinstance(value, bool) or not isinstance(value, int | float):
+                    continue
+                self._writer.add_scalar(f"{group}/{key}", value, step)
 
     def close(self) -> None:
         if self._file is not None:
             self._file.close()
+            self._file = None
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
 
 
 def _reduced_terms(result, names: list[str]) -> dict[str, float]:
@@ -335,20 +423,8 @@ def train(model_config: DetrConfig, options: TrainOptions) -> dict[str, Any]:
     model = build_detr(model_config, freeze_detr=options.frozen_weights is not None)
     if isinstance(model, DETRsegm):
         model.masks_on_demand = True  # the loss needs the matched queries' masks only: compute only those
-    if options.frozen_weights:
-        detector = read_checkpoint(options.frozen_weights)
-        if not isinstance(model, DETRsegm):
-            raise ValueError("--frozen_weights trains the mask head: it needs --masks")
-        sd = {k.removeprefix("detr."): v for k, v in detector.state_dict.items()
-              if not k.startswith(("bbox_attention.", "mask_head."))}
-        load_weights(model.detr, sd)
-        log.info("loaded frozen detector weights from %s", options.frozen_weights)
-    if options.pretrained:
-        fresh = load_weights(model, _pretrained_state(options.pretrained, model), reinit_heads=True)
-        if fresh:
-            log.warning("fine-tuning: re-initialized %s (the checkpoint has another class count or query count)",
-                        ", ".join(fresh))
-        log.info("initialized from %s", options.pretrained)
+    for part, source in init_weights(model, model_config, options).items():
+        log.info("weights: %s <- %s", part, source)
     model.to(device)
     optimizer = build_optimizer(model, lr=options.lr, lr_backbone=options.lr_backbone,
                                 weight_decay=options.weight_decay)
@@ -383,7 +459,9 @@ def train(model_config: DetrConfig, options: TrainOptions) -> dict[str, Any]:
     stepper = Stepper(train_model, criterion, optimizer, device, options.clip_max_norm, autocast_dtype, scaler, ema)
     evaluated = ema.module if ema is not None else model  # what evaluation scores
 
-    log_file = JsonLog(out_dir / "log.jsonl" if info.is_main else None)
+    best = _best_so_far(options, out_dir, start_epoch)
+    log_file = JsonLog(out_dir / "log.jsonl" if info.is_main else None,
+                       tensorboard=out_dir / "tensorboard" if options.tensorboard else None)
     record: dict[str, Any] = {}
     try:
         for epoch in range(start_epoch, options.epochs):
@@ -395,12 +473,22 @@ def train(model_config: DetrConfig, options: TrainOptions) -> dict[str, Any]:
             )
             scheduler.step()
             if info.is_main:
-                save_training_checkpoint(out_dir / "checkpoint.pth", model, optimizer, scheduler, epoch, options, ema)
+                save_training_checkpoint(out_dir / "checkpoint.pth", model, optimizer, scheduler, epoch, options,
+                                         best=best, ema=ema)
             record = {"type": "epoch", "epoch": epoch, **{f"train_{k}": v for k, v in stats.items()}}
             last = epoch == options.epochs - 1
             if last or (options.eval_every and (epoch + 1) % options.eval_every == 0):
                 record.update(_evaluate(evaluated, val_loader, val_set, device, autocast_dtype, options, info,
                                         out_dir, instances))
+                metric = BEST_METRICS[0] if BEST_METRICS[0] in record else BEST_METRICS[1]
+                if metric in record and (best is None or record[metric] > best["value"]):
+                    best = {"metric": metric, "value": float(record[metric]), "epoch": epoch}
+                    if info.is_main:
+                        save_best_checkpoint(out_dir / "checkpoint_best.pth", evaluated, best, options)
+                        log.info("epoch %d: best %s so far, %.4f -> %s", epoch, metric, best["value"],
+                                 out_dir / "checkpoint_best.pth")
+                if best is not None:
+                    record["best_epoch"], record[f"best_{best['metric']}"] = best["epoch"], best["value"]
             log_file.write(record)
             if info.is_main:
                 log.info("epoch %d: %s", epoch, _summary(record))
@@ -413,6 +501,93 @@ def train(model_config: DetrConfig, options: TrainOptions) -> dict[str, Any]:
         log_file.close()
         dist_utils.barrier()
     return record
+
+
+FROZEN_BN_NEEDS_WEIGHTS = (
+    "a frozen-BatchNorm backbone (--backbone_norm frozen_bn, the reference's) must start from pretrained weights: "
+    "its norms never learn and its stem and layer1 never train, so random weights would stay random. Either give "
+    "pretrained backbone weights (--backbone_weights imagenet, a name such as resnet50, or a torchvision/timm "
+    "ImageNet file; or --pretrained CHECKPOINT for a whole DETR), or train the normalization: --backbone_norm "
+    "group_norm --frozen_stages 0 (or the small from-scratch backbone, --preset shapes-small)"
+)
+
+
+def _detector(model: nn.Module) -> nn.Module:
+    return model.detr if isinstance(model, DETRsegm) else model
+
+
+def load_backbone_weights(model: nn.Module, spec: str, config: DetrConfig) -> str:
+    """Load ImageNet weights (``"imagenet"``, a name, a file or a URL) into the model's ResNet; returns
+    where they came from."""
+    from ..checkpoint import backbone_depth, read_backbone_weights
+    from ..weights import imagenet_name
+
+    if config.backbone.norm != "frozen_bn":
+        raise ValueError(
+            f"--backbone_weights {spec}: ImageNet weights carry BatchNorm statistics, which a {config.backbone.norm} "
+            "backbone has no place for; use --backbone_norm frozen_bn (the reference's), or drop --backbone_weights "
+            "to train this backbone from scratch"
+        )
+    name = imagenet_name(config.backbone.name) if spec == "imagenet" else spec
+    state_dict, path, what = read_backbone_weights(name)
+    found = backbone_depth(state_dict)
+    if found != config.backbone.name:
+        raise CheckpointError(f"{path} holds {found} weights, but the model's backbone is {config.backbone.name}; "
+                              f"pass --backbone {found}, or weights of a {config.backbone.name}")
+    body = _detector(model).backbone.body
+    missing, unexpected = body.load_state_dict(state_dict, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(f"{path}: the ResNet weights do not fit the backbone: missing {missing[:5]}, "
+                              f"unexpected {unexpected[:5]}")
+    return f"{path} ({what})"
+
+
+def init_weights(model: nn.Module, config: DetrConfig, options: TrainOptions) -> dict[str, str]:
+    """Load the starting weights the options name; returns {part of the model: where its weights came from}.
+
+    Precedence: --resume (loaded later, with the optimizer) > --frozen_weights (panoptic stage 2) >
+    --pretrained (a whole DETR) > --backbone_weights (ImageNet, the default for a frozen-BatchNorm backbone).
+    """
+    explicit = options.backbone_weights not in (None, "none")
+    if options.resume:
+        return {"everything": f"{options.resume} (--resume)"}
+    if options.frozen_weights:
+        if not isinstance(model, DETRsegm):
+            raise ValueError("--frozen_weights trains the mask head: it needs --masks")
+        detector = read_checkpoint(options.frozen_weights)
+        sd = {k.removeprefix("detr."): v for k, v in detector.state_dict.items()
+              if not k.startswith(("bbox_attention.", "mask_head."))}
+        load_weights(model.detr, sd)
+        return {"detector (frozen)": f"{options.frozen_weights} (--frozen_weights)",
+                "mask head": "random initialization"}
+    if options.pretrained:
+        if explicit:
+            log.warning("--backbone_weights %s is not used: --pretrained %s holds the backbone too",
+                        options.backbone_weights, options.pretrained)
+        fresh = load_weights(model, _pretrained_state(options.pretrained, model), reinit_heads=True)
+        sources = {"everything": f"{options.pretrained} (--pretrained)"}
+        if fresh:
+            log.warning("fine-tuning: re-initialized %s (the checkpoint has another class count or query count)",
+                        ", ".join(fresh))
+            sources = {"everything else": sources["everything"], ", ".join(fresh): "random initialization"}
+        return sources
+    frozen_bn = config.backbone.norm == "frozen_bn"
+    spec = options.backbone_weights or ("imagenet" if frozen_bn else "none")
+    rest = "random initialization"
+    if spec == "none":
+        if frozen_bn:
+            raise ValueError(f"refusing to train: {FROZEN_BN_NEEDS_WEIGHTS}")
+        return {"backbone": f"random initialization ({config.backbone.norm}, trained)", "transformer and heads": rest}
+    from ..weights import DownloadError
+
+    try:
+        source = load_backbone_weights(model, spec, config)
+    except DownloadError as e:
+        if explicit:
+            raise
+        hint = f"The default --backbone_weights imagenet could not be had; {FROZEN_BN_NEEDS_WEIGHTS}."
+        raise DownloadError(f"{e} {hint}") from None
+    return {"backbone": source, "transformer and heads": rest}
 
 
 def _pretrained_state(path: str, model: nn.Module) -> dict[str, torch.Tensor]:
