@@ -59,8 +59,8 @@ def run_one(args: argparse.Namespace) -> int:
     from detr import build_detr
     from detr.cli import add_model_flags, model_config_from_args
     from detr.demo import shapes_task, train_shapes
+    from detr.engine.log import JsonLog
     from detr.engine.stream import StreamSchedule
-    from detr.engine.train import JsonLog
 
     torch.set_num_threads(args.threads)
     parser = argparse.ArgumentParser(parents=[stream_flags()], add_help=False)

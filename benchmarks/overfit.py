@@ -34,7 +34,8 @@ from detr.cli import add_model_flags, model_config_from_args
 from detr.config import DetrConfig, preset
 from detr.data.coco import coco_paths
 from detr.data.panoptic import panoptic_from_instances
-from detr.engine.train import TrainOptions, train
+from detr.engine.options import TrainOptions
+from detr.engine.train import train
 
 
 def subset_annotations(ann_file: Path, count: int, out_file: Path) -> tuple[int, int]:
@@ -95,7 +96,7 @@ def panoptic_main(args: argparse.Namespace) -> dict:
         detector = args.detector
         box_record: dict = {}
         if detector is None:  # stage 1: boxes of every segment
-            box_record = train(overfit_config(args.num_queries), TrainOptions(
+            box_record = train(overfit_config(args.num_queries), TrainOptions.from_flat(
                 output_dir=str(out / "detector"), epochs=args.epochs, lr_drop=drop(args.epochs), lr=args.lr,
                 lr_backbone=args.lr, **common))
             detector = str(out / "detector" / "checkpoint.pth")
@@ -104,7 +105,7 @@ def panoptic_main(args: argparse.Namespace) -> dict:
         # the detector's weights or --pretrained's)
         frozen = None if args.unfrozen else detector
         pretrained = args.pretrained or (detector if args.unfrozen else None)
-        record = train(overfit_config(args.num_queries, masks=True), TrainOptions(
+        record = train(overfit_config(args.num_queries, masks=True), TrainOptions.from_flat(
             output_dir=str(out / "masks"), epochs=args.mask_epochs, lr_drop=drop(args.mask_epochs),
             lr=args.mask_lr or args.lr, lr_backbone=args.mask_lr_backbone or args.mask_lr or args.lr,
             frozen_weights=frozen, pretrained=pretrained, resume=args.resume, **common))
@@ -176,7 +177,7 @@ def detection_main(args: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         subset = Path(tmp) / "subset.json"
         n_images, n_objects = subset_annotations(Path(ann_file), args.images, subset)
-        options = TrainOptions(
+        options = TrainOptions.from_flat(
             train_images=str(images_dir), train_json=str(subset), val_images=str(images_dir), val_json=str(subset),
             output_dir=args.output_dir or str(Path(tmp) / "run"), epochs=args.epochs, lr_drop=drop(args.epochs),
             resume=args.resume,

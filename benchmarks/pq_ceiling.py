@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from detr.data.panoptic import read_json, read_segment_ids
+from detr.coco_panoptic import read_panoptic_json, read_segment_ids
 from detr.data.transforms import resized_hw
 from detr.engine.panoptic_eval import PQAccumulator
 from detr.postprocess import postprocess_panoptic
@@ -46,7 +46,7 @@ def ideal_outputs(gt_ids: np.ndarray, segments: list[dict], size: int, max_size:
 
 def ceilings(panoptic_json: str | Path, panoptic_folder: str | Path, sizes: list[tuple[int, int]]) -> list[dict]:
     """PQ of the ideal stride-4 masks at each (size, max_size), one dict per pair (see the module docstring)."""
-    gt = read_json(panoptic_json, "panoptic json")
+    gt = read_panoptic_json(panoptic_json)
     categories = {int(c["id"]): c for c in gt["categories"]}
     num_classes = max(categories) + 1
     accumulators = [PQAccumulator(gt["categories"]) for _ in sizes]

@@ -7,8 +7,8 @@ from torch import nn
 from detr.checkpoint import infer_config, load_checkpoint, save_checkpoint
 from detr.cli import build_parser, model_config_from_args
 from detr.config import BackboneConfig, preset
+from detr.model import build_detr
 from detr.model.backbone import Backbone, FrozenBatchNorm2d
-from detr.model.detr import build_detr
 
 
 def _trainable_prefixes(backbone: Backbone) -> set[str]:

@@ -83,21 +83,10 @@ def test_inference_bf16_line_compares_with_fp32(monkeypatch, capsys):
     assert 0 < line["bf16_max_abs_diff"]["pred_boxes"] < 0.1 and line["optimized_max_abs_diff"]["pred_boxes"] < 1e-4
 
 
-def test_demo_steps_logs_losses_and_held_out_ap(tmp_path, capsys):
-    demo_steps = _load("demo_steps")
-    argv = ["--data_dir", str(tmp_path), "--num_train", "8", "--num_val", "4", "--image_size", "64", "--steps", "2",
-            "--log_every", "1", "--eval_every", "2", "--batch_size", "2", "--threads", "1"]
-    assert demo_steps.main(argv) == 0
-    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-    assert lines[0]["args"]["num_train"] == 8 and [line["step"] for line in lines[1:]] == [1, 2, 2]
-    assert lines[1]["loss_ce"] > 0 and lines[2]["loss_giou"] > 0 and 0 <= lines[3]["ap50"] <= 1
-    assert len(list(tmp_path.glob("shapes_8_4_64_*/train2017/*.png"))) == 8
-
-
 def _synthetic_panoptic(tmp_path: Path, ids, segments) -> tuple[Path, Path]:
     import torch
 
-    from detr.postprocess import segment_ids_to_png
+    from detr.coco_panoptic import segment_ids_to_png
 
     folder = tmp_path / "png"
     folder.mkdir()

@@ -15,7 +15,7 @@ from detr.cli import main
 from detr.config import preset
 from detr.data.shapes import generate_shapes
 from detr.demo import draw_predictions
-from detr.model.detr import build_detr
+from detr.model import build_detr
 
 
 def test_convert_and_eval_a_reference_checkpoint(reference, tmp_path, capsys):

@@ -21,8 +21,9 @@ from torch.utils.data import DataLoader
 
 from conftest import COCO_MINI
 from detr.boxes import xywh_to_xyxy
-from detr.data.batch import DetectionBatch, ImageBatch
+from detr.data.batch import DetectionBatch
 from detr.engine.evaluate import STAT_NAMES, CocoEvaluator, detections_to_coco, evaluate
+from detr.structures import ImageBatch
 
 # pycocotools' own decode (annToMask) trips a numpy 2 deprecation warning.
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")

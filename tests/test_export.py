@@ -17,14 +17,16 @@ from PIL import Image
 import detr
 from conftest import COCO_MINI
 from detr.checkpoint import save_checkpoint
+from detr.cli.export import add_parsers as add_export_parser
+from detr.cli.export import cmd_export
 from detr.config import preset
-from detr.data.batch import ImageBatch
 from detr.data.images import load_image
 from detr.data.transforms import Normalize, to_tensor
-from detr.export import ExportError, add_export_parser, cmd_export, export_onnx
+from detr.export import ExportError, export_onnx
 from detr.model import backbone as backbone_module
 from detr.model.backbone import FrozenBatchNorm2d
 from detr.model.minimal import DemoConfig, DETRdemo
+from detr.structures import ImageBatch
 
 TRACE_SIZE = (160, 192)  # every size the tests run differs from it
 

@@ -13,9 +13,9 @@ from safetensors.torch import load_file, save_file
 
 from conftest import COCO_MINI
 from detr.checkpoint import CheckpointError, convert_checkpoint, load_checkpoint, read_checkpoint
-from detr.data.batch import ImageBatch
 from detr.data.images import load_image
 from detr.data.transforms import Normalize, resize, to_tensor
+from detr.structures import ImageBatch
 
 CLASS_NAMES = {0: "cat", 1: "dog", 2: "traffic light"}
 

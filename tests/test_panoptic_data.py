@@ -15,6 +15,7 @@ from PIL import Image
 from pycocotools.coco import COCO
 
 from conftest import COCO_MINI
+from detr.cli.data import add_parsers as add_data_parsers
 from detr.data import CocoDetection, ImageLoadError, make_coco_transforms
 from detr.data.panoptic import (
     CocoPanoptic,
@@ -23,7 +24,6 @@ from detr.data.panoptic import (
     panoptic_from_instances,
     read_segment_ids,
 )
-from detr.engine.panoptic_commands import add_panoptic_parsers
 
 VAL_JSON = COCO_MINI / "annotations" / "instances_val2017.json"
 VAL_IMAGES = COCO_MINI / "val2017"
@@ -259,7 +259,7 @@ def test_bad_inputs_are_counted_or_named(converted, tmp_path):
 
 def test_cli_converts_and_prints_a_summary(tmp_path, capsys):
     parser = argparse.ArgumentParser(prog="detr")
-    add_panoptic_parsers(parser.add_subparsers(dest="command", required=True))
+    add_data_parsers(parser.add_subparsers(dest="command", required=True))
     instances = subset_instances(tmp_path / "instances.json")
     args = parser.parse_args(["data", "panoptic-from-instances", "--instances", str(instances),
                               "--out-json", str(tmp_path / "out.json"), "--out-folder", str(tmp_path / "out")])

@@ -31,12 +31,13 @@ from torch.utils.data import DataLoader
 from torchmetrics.detection import PanopticQuality
 
 from conftest import COCO_MINI
-from detr.cli import add_data_flags
+from detr.cli import build_parser
+from detr.cli.data import add_parsers as add_data_parsers
+from detr.cli.train import cmd_eval
+from detr.coco_panoptic import read_segment_ids, segment_ids_to_png
 from detr.data import collate_detection, make_coco_transforms
-from detr.data.panoptic import CocoPanoptic, panoptic_from_instances, read_segment_ids
-from detr.engine.panoptic_commands import add_panoptic_eval_flags, add_panoptic_parsers, cmd_eval_panoptic
+from detr.data.panoptic import CocoPanoptic, panoptic_from_instances
 from detr.engine.panoptic_eval import PQAccumulator, evaluate_panoptic, pq_compute
-from detr.postprocess import segment_ids_to_png
 from test_panoptic_data import VAL_IMAGES, subset_instances
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # pycocotools
@@ -337,7 +338,7 @@ def test_cli_prints_the_metrics_as_json(data, tmp_path, capsys):
              data["mixed"].items()}
     write_panoptic(tmp_path / "pred", tmp_path / "pred.json", preds)
     parser = argparse.ArgumentParser(prog="detr")
-    add_panoptic_parsers(parser.add_subparsers(dest="command", required=True))
+    add_data_parsers(parser.add_subparsers(dest="command", required=True))
     root = data["root"]
     args = parser.parse_args(["eval-panoptic", "--gt-json", str(root / "mixed.json"), "--gt-folder",
                               str(root / "mixed"), "--pred-json", str(tmp_path / "pred.json"), "--pred-folder",
@@ -415,19 +416,13 @@ def test_eval_command_with_a_reference_panoptic_checkpoint(reference, data, tmp_
     subset = {**gt, "annotations": gt["annotations"][:3]}  # three images keep it fast
     (tmp_path / "gt.json").write_text(json.dumps(subset))
 
-    parser = argparse.ArgumentParser()  # the `detr eval` flags
-    parser.add_argument("--checkpoint", required=True)
-    add_data_flags(parser)
-    parser.add_argument("--amp", default=None)
-    parser.add_argument("--output_dir", default="outputs/eval")
-    add_panoptic_eval_flags(parser)
-    args = parser.parse_args([
-        "--checkpoint", str(checkpoint), "--panoptic", "--panoptic_json", str(tmp_path / "gt.json"),
+    args = build_parser().parse_args([
+        "eval", "--checkpoint", str(checkpoint), "--panoptic", "--panoptic_json", str(tmp_path / "gt.json"),
         "--panoptic_folder", str(data["png"]), "--val_images", str(VAL_IMAGES), "--val_json", str(data["instances"]),
         "--val_scale", "96", "--max_size", "160", "--panoptic_threshold", "0", "--num_workers", "0",
         "--no_progress", "--output_dir", str(tmp_path / "eval"),
     ])
-    assert cmd_eval_panoptic(args) == 0
+    assert cmd_eval(args) == 0
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert printed == metrics and metrics["num_images"] == 3
@@ -441,7 +436,7 @@ def test_eval_command_with_a_reference_panoptic_checkpoint(reference, data, tmp_
 
     args.checkpoint = str(COCO_MINI / "missing.pth")
     with pytest.raises(FileNotFoundError):
-        cmd_eval_panoptic(args)
+        cmd_eval(args)
 
 
 def _int_keys(d: dict) -> dict:

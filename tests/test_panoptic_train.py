@@ -108,7 +108,7 @@ def test_masks_on_demand_follow_the_forward_autocast():
     """--amp: the criterion (outside autocast) computes on-demand masks under the forward's autocast."""
     from detr.config import preset
     from detr.loss import SetCriterion
-    from detr.model.detr import build_detr
+    from detr.model import build_detr
 
     config = preset("shapes-small", masks=True, num_queries=4).with_transformer(enc_layers=1, dec_layers=1)
     torch.manual_seed(0)

@@ -14,14 +14,12 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from detr.coco_panoptic import rgb_to_segment_ids, segment_ids_to_png, segment_ids_to_rgb
 from detr.postprocess import (
     _pillow_nearest_resize,
     postprocess_detections,
     postprocess_masks,
     postprocess_panoptic,
-    rgb_to_segment_ids,
-    segment_ids_to_png,
-    segment_ids_to_rgb,
 )
 
 CONFIGS = ["detection", "detection_prenorm_learned_dc5", "panoptic"]

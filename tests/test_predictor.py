@@ -16,8 +16,9 @@ from pycocotools.coco import COCO
 
 from conftest import COCO_MINI
 from detr.checkpoint import load_checkpoint, save_checkpoint
+from detr.cli.inference import add_parsers as add_inference_parsers
 from detr.config import preset
-from detr.inference.commands import add_inference_parsers, expand_inputs, output_stems
+from detr.inference.files import expand_inputs, output_stems
 from detr.inference.names import (
     COCO_CATEGORY_NAMES,
     COCO_PANOPTIC_STUFF_NAMES,
@@ -26,7 +27,7 @@ from detr.inference.names import (
     coco_class_names,
 )
 from detr.inference.predictor import Detection, Detector, nms
-from detr.model.detr import build_detr
+from detr.model import build_detr
 
 VAL = COCO_MINI / "val2017"
 VAL_JSON = COCO_MINI / "annotations" / "instances_val2017.json"

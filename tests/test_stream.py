@@ -15,8 +15,9 @@ from detr.data.shapes import ShapesParams, ShapesStream, generate_shapes
 from detr.data.transforms import make_coco_transforms
 from detr.demo import SHAPES
 from detr.engine.ema import ModelEMA
+from detr.engine.log import JsonLog
 from detr.engine.stream import StreamSchedule, train_on_stream
-from detr.engine.train import JsonLog, Stepper
+from detr.engine.train import Stepper
 from detr.loss import SetCriterion
 
 

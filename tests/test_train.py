@@ -17,8 +17,9 @@ from detr.checkpoint import read_checkpoint
 from detr.config import preset
 from detr.data.shapes import generate_shapes
 from detr.engine import train as train_module
+from detr.engine.options import TrainOptions
 from detr.engine.plot import plot_log
-from detr.engine.train import NonFiniteLossError, TrainOptions, train
+from detr.engine.train import NonFiniteLossError, train
 
 TINY = ["--preset", "shapes-small", "--hidden_dim", "32", "--dim_feedforward", "64", "--enc_layers", "1",
         "--dec_layers", "2", "--num_queries", "5", "--train_scales", "64", "--val_scale", "64", "--max_size", "128",
@@ -110,7 +111,7 @@ def test_two_process_ddp_matches_one_process(shapes, tmp_path, masks):
 def _options(shapes: Path, out: Path, **kw) -> TrainOptions:
     base = dict(coco_path=str(shapes), output_dir=str(out), epochs=2, batch_size=4, num_workers=0, progress=False,
                 train_scales=[64], val_scale=64, max_size=128, eval_every=0, seed=0)
-    return TrainOptions(**{**base, **kw})
+    return TrainOptions.from_flat(**{**base, **kw})
 
 
 def test_nan_loss_stops_and_leaves_last_checkpoint(shapes, tmp_path, monkeypatch):
@@ -138,7 +139,7 @@ def test_finetune_from_other_class_count_reinitializes_head(shapes, tmp_path, mo
     monkeypatch.setattr(train_module, "_evaluate", lambda *a, **k: {"bbox_AP": 0.0})
     source = tmp_path / "src.safetensors"
     from detr.checkpoint import save_checkpoint
-    from detr.model.detr import build_detr
+    from detr.model import build_detr
 
     other = build_detr(tiny_config().replace(num_classes=9))
     save_checkpoint(other, source)

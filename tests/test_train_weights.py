@@ -20,9 +20,11 @@ from detr.cli import main
 from detr.config import preset
 from detr.data.shapes import generate_shapes
 from detr.engine import train as train_module
-from detr.engine.train import TrainOptions, load_backbone_weights, train
+from detr.engine.initial_weights import load_backbone_weights
+from detr.engine.options import TrainOptions
+from detr.engine.train import train
+from detr.model import build_detr
 from detr.model.backbone import ResNet
-from detr.model.detr import build_detr
 from detr.weights import TORCHVISION_HOST, DownloadError, WeightsEntry
 
 TINY = ["--hidden_dim", "32", "--dim_feedforward", "64", "--enc_layers", "1", "--dec_layers", "1", "--num_queries",
@@ -60,7 +62,7 @@ def shapes(tmp_path_factory) -> Path:
 def options(shapes: Path, out: Path, **kw) -> TrainOptions:
     base = dict(coco_path=str(shapes), output_dir=str(out), epochs=1, batch_size=4, num_workers=0, progress=False,
                 train_scales=[64], val_scale=64, max_size=96, eval_every=0, seed=0)
-    return TrainOptions(**{**base, **kw})
+    return TrainOptions.from_flat(**{**base, **kw})
 
 
 def backbone_equals(model_state: dict[str, torch.Tensor], imagenet: dict[str, torch.Tensor], prefix: str) -> bool:

@@ -40,7 +40,7 @@ from .config import (
     from_reference_args,
     to_reference_args,
 )
-from .model.detr import DETR, build_detr
+from .model import DETR, build_detr
 from .model.minimal import DemoConfig, DETRdemo
 from .model.segmentation import DETRsegm
 

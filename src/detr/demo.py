@@ -28,10 +28,10 @@ from torch import nn
 from .checkpoint import save_checkpoint
 from .config import DetrConfig, preset
 from .data.shapes import SHAPES_CATEGORIES, ShapesParams, ShapesStream, generate_shapes
+from .engine.log import JsonLog
 from .engine.stream import StreamResult, StreamSchedule, train_on_stream
-from .engine.train import JsonLog
 from .loss import SetCriterion
-from .model.detr import build_detr
+from .model import build_detr
 
 log = logging.getLogger(__name__)
 

@@ -27,7 +27,6 @@ size baked into the graph fails the export instead of surfacing later as wrong b
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import json
 import logging
@@ -39,11 +38,11 @@ import torch
 from torch import Tensor, nn
 
 from .checkpoint import atomic_write, load_checkpoint
-from .data.batch import ImageBatch
 from .data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from .model.detr import DETR
 from .model.minimal import DETRdemo
 from .model.segmentation import DETRsegm
+from .structures import ImageBatch
 
 log = logging.getLogger(__name__)
 
@@ -250,34 +249,3 @@ def export_onnx(
     finally:
         model.train(was_training)
     return out_path
-
-
-# --- command line ----------------------------------------------------------------------------
-
-def cmd_export(args: argparse.Namespace) -> int:
-    """``detr export``: a checkpoint file -> OUT.onnx."""
-    if args.format not in FORMATS:  # argparse already refuses other choices; this guards direct calls
-        raise ValueError(f"unknown export format {args.format!r}; supported: {', '.join(FORMATS)}")
-    out = export_onnx(args.checkpoint, args.output, opset=args.opset, image_size=(args.height, args.width),
-                      dynamic=not args.static, padding_mask=args.padding_mask, verify=args.verify)
-    print(f"wrote {out}")
-    return 0
-
-
-def add_export_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Add ``detr export --checkpoint C --format onnx OUT.onnx [--opset N] [--height H --width W]``."""
-    p = subparsers.add_parser("export", help="export a checkpoint to ONNX (dynamic batch and image size)")
-    p.add_argument("output", help="the file to write, e.g. detr.onnx")
-    p.add_argument("--checkpoint", required=True, help="any checkpoint `detr eval` accepts")
-    p.add_argument("--format", choices=FORMATS, default="onnx")
-    p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (>= {MIN_OPSET})")
-    p.add_argument("--height", type=int, default=DEFAULT_IMAGE_SIZE[0],
-                   help="image height traced (with --static, the only height the graph accepts)")
-    p.add_argument("--width", type=int, default=DEFAULT_IMAGE_SIZE[1], help="image width traced")
-    p.add_argument("--padding_mask", action="store_true",
-                   help="add a padding_mask [B, H, W] input (True = padding) for padded batches")
-    p.add_argument("--static", action="store_true", help="fix batch 1 and --height x --width in the graph")
-    p.add_argument("--no_verify", dest="verify", action="store_false",
-                   help="skip comparing onnxruntime with PyTorch on an input of another size")
-    p.set_defaults(func=cmd_export)
-    return p

@@ -25,7 +25,7 @@ from torch import nn
 
 from .checkpoint import CheckpointError, infer_config, load_weights, locate, read_checkpoint
 from .config import preset
-from .model.detr import build_detr
+from .model import build_detr
 from .weights import names_hint
 
 log = logging.getLogger(__name__)

@@ -15,7 +15,6 @@ Pillow NEAREST for panoptic id maps).
 
 from __future__ import annotations
 
-import io
 from collections.abc import Callable, Mapping, Sequence
 from functools import lru_cache
 from typing import Any
@@ -26,7 +25,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
-from detr.boxes import cxcywh_to_xyxy
+from detr.boxes import box_iou, cxcywh_to_xyxy
+from detr.coco_panoptic import rgb_to_segment_ids, segment_ids_to_rgb
 
 Sizes = Tensor | Sequence[Sequence[int]]
 IsThing = Callable[[int], bool] | Mapping[int, bool]
@@ -38,9 +38,6 @@ __all__ = [
     "postprocess_detections",
     "postprocess_masks",
     "postprocess_panoptic",
-    "segment_ids_to_rgb",
-    "rgb_to_segment_ids",
-    "segment_ids_to_png",
 ]
 
 
@@ -163,32 +160,6 @@ def postprocess_masks(
         resized = mask[:, :h, :w].index_select(1, rows).index_select(2, cols)  # [N, H, W]
         result["masks"] = resized.to(torch.uint8).unsqueeze(1).cpu()  # [N, 1, H, W]
     return results
-
-
-# ----------------------------------------------------------------------------------------------
-# Panoptic PNG encoding (COCO panoptic: id = R + 256 * G + 256^2 * B)
-# ----------------------------------------------------------------------------------------------
-
-
-def segment_ids_to_rgb(segment_ids: Tensor) -> Tensor:
-    """Segment id map [...] (ids < 2^24) -> uint8 RGB [..., 3] with id = R + 256 G + 256^2 B."""
-    ids = segment_ids.long()
-    channels = [(ids >> shift) & 255 for shift in (0, 8, 16)]
-    return torch.stack(channels, dim=-1).to(torch.uint8)  # [..., 3]
-
-
-def rgb_to_segment_ids(rgb: Tensor) -> Tensor:
-    """uint8 RGB [..., 3] -> int32 segment id map [...] (inverse of :func:`segment_ids_to_rgb`)."""
-    rgb = rgb.to(torch.int32)
-    return rgb[..., 0] + 256 * rgb[..., 1] + 256 * 256 * rgb[..., 2]
-
-
-def segment_ids_to_png(segment_ids: Tensor) -> bytes:
-    """Segment id map [H, W] -> PNG bytes in the COCO panoptic RGB encoding."""
-    rgb = segment_ids_to_rgb(segment_ids.cpu()).numpy()  # [H, W, 3]
-    with io.BytesIO() as buffer:
-        Image.fromarray(rgb).save(buffer, format="PNG")
-        return buffer.getvalue()
 
 
 @lru_cache(maxsize=256)
@@ -326,3 +297,23 @@ def postprocess_panoptic(
         ]
         results.append({"segment_ids": id_map.to(torch.int32).cpu(), "segments_info": segments_info})
     return results
+
+
+def nms(boxes_xyxy: Tensor, scores: Tensor, labels: Tensor | None = None, iou_threshold: float = 0.5) -> Tensor:
+    """Greedy non-maximum suppression, class-wise when ``labels`` are given.
+
+    Visits boxes by decreasing score and drops every later box (of the same label) whose IoU with a
+    kept one is > ``iou_threshold``. boxes_xyxy [N, 4], scores [N], labels [N]; returns the kept
+    indices [M], by decreasing score.
+    """
+    order = scores.argsort(descending=True, stable=True)
+    iou, _ = box_iou(boxes_xyxy[order], boxes_xyxy[order])  # [N, N]
+    overlaps = iou > iou_threshold  # NaN (two empty boxes) compares False: both kept
+    if labels is not None:
+        sorted_labels = labels[order]
+        overlaps &= sorted_labels[:, None] == sorted_labels[None, :]
+    keep = torch.ones(len(order), dtype=torch.bool, device=order.device)
+    for i in range(len(order)):
+        if keep[i]:
+            keep[i + 1 :] &= ~overlaps[i, i + 1 :]
+    return order[keep]

@@ -1,6 +1,6 @@
 """Datasets, transforms and batching."""
 
-from detr.data.batch import DetectionBatch, ImageBatch, as_image_batch, collate_detection
+from detr.data.batch import DetectionBatch, collate_detection
 from detr.data.coco import CocoDetection, build_coco, coco_target, decode_segmentation
 from detr.data.images import ImageLoadError, load_image
 from detr.data.shapes import SHAPES_CATEGORIES, generate_shapes
@@ -20,7 +20,6 @@ __all__ = [
     "CocoDetection",
     "Compose",
     "DetectionBatch",
-    "ImageBatch",
     "ImageLoadError",
     "Normalize",
     "RandomHorizontalFlip",
@@ -28,7 +27,6 @@ __all__ = [
     "RandomSelect",
     "RandomSizeCrop",
     "ToTensor",
-    "as_image_batch",
     "build_coco",
     "coco_target",
     "collate_detection",

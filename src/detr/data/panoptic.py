@@ -1,11 +1,6 @@
 """COCO panoptic segmentation data: the dataset, its standard layout, and a converter from instances.
 
-COCO panoptic annotations are a json plus one PNG per image. The PNG stores a segment id per pixel as
-``id = R + 256 * G + 256^2 * B`` (0 = unlabeled, "void"); the json lists each image's segments:
-
-    {"images": [...], "categories": [{"id", "name", "isthing", ...}],
-     "annotations": [{"image_id", "file_name": "<png>", "segments_info":
-                      [{"id", "category_id", "iscrowd", "area", "bbox" (xywh)}, ...]}, ...]}
+The file format (json, PNG id encoding, folder layout) is read and written by ``detr.coco_panoptic``.
 
 A ``CocoPanoptic`` sample is ``(image, target)`` with the keys of the reference's panoptic dataset:
 
@@ -38,61 +33,29 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 
 from detr.boxes import masks_to_boxes_xyxy
-from detr.data.coco import SPLITS, CocoDetection, decode_segmentation, load_annotated_image, read_json
+from detr.coco_panoptic import coco_panoptic_paths, read_segment_ids, require_keys, segment_ids_to_png
+from detr.data.coco import CocoDetection, decode_segmentation, load_annotated_image, read_json
 from detr.data.images import ImageLoadError
 from detr.data.transforms import Target, Transform
-from detr.postprocess import rgb_to_segment_ids, segment_ids_to_png
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "CocoPanoptic",
     "build_coco_panoptic",
-    "coco_panoptic_paths",
     "panoptic_from_instances",
     "panoptic_target",
-    "read_json",
-    "read_segment_ids",
 ]
 
 
 # ----------------------------------------------------------------------------------------------
 # Files
 # ----------------------------------------------------------------------------------------------
-
-
-def _require_keys(data: Any, keys: Sequence[str], path: Path) -> None:
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a json object at the top level")
-    missing = [k for k in keys if k not in data]
-    if missing:
-        raise ValueError(f"{path}: missing top-level key(s) {missing}")
-
-
-def read_segment_ids(path: str | os.PathLike[str]) -> np.ndarray:
-    """A COCO panoptic PNG -> int32 segment id map [H, W] (id = R + 256 G + 256^2 B).
-
-    RGB, RGBA (alpha ignored) and palette PNGs are accepted; other modes (grey, 16-bit) cannot hold
-    the encoding and raise ImageLoadError naming the file, as do missing or corrupt files.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise ImageLoadError(f"segment PNG not found: {path}", path)
-    try:
-        with Image.open(path) as image:
-            if image.mode not in ("RGB", "RGBA", "P"):
-                raise ImageLoadError(f"{path}: segment PNG has mode {image.mode}, expected RGB", path)
-            rgb = np.asarray(image.convert("RGB"))  # [H, W, 3] uint8
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        if isinstance(err, ImageLoadError):
-            raise
-        raise ImageLoadError(f"cannot read segment PNG {path}: {err}", path) from err
-    return rgb_to_segment_ids(torch.from_numpy(rgb.copy())).numpy()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -150,7 +113,7 @@ class CocoPanoptic(Dataset):
             if not folder.is_dir():
                 raise FileNotFoundError(f"{what} not found: {folder}")
         data = read_json(self.annotation_file, "panoptic annotation file")
-        _require_keys(data, ("images", "annotations", "categories"), self.annotation_file)
+        require_keys(data, ("images", "annotations", "categories"), self.annotation_file)
         self.dataset: dict[str, Any] = data
         self.images: dict[int, dict] = {int(info["id"]): info for info in data["images"]}
         self.categories: dict[int, dict] = {int(c["id"]): c for c in data["categories"]}
@@ -253,26 +216,6 @@ class CocoPanoptic(Dataset):
         if self.transforms is not None:
             image, target = self.transforms(image, target, self.sample_rng(index))
         return image, target
-
-
-def coco_panoptic_paths(
-    root: str | os.PathLike[str], split: str, panoptic_root: str | os.PathLike[str] | None = None
-) -> tuple[Path, Path, Path]:
-    """(image folder, panoptic json, PNG folder) of the standard layout.
-
-    Images: root/{split}2017. Json: P/annotations/panoptic_{split}2017.json with P = panoptic_root
-    (default: root). PNGs: P/annotations/panoptic_{split}2017/ (where the official zip unpacks), or
-    P/panoptic_{split}2017/ (the reference's README layout) when only that one exists.
-    """
-    if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}: expected one of {SPLITS}")
-    root = Path(root)
-    pan = root if panoptic_root is None else Path(panoptic_root)
-    seg_folder = pan / "annotations" / f"panoptic_{split}2017"
-    alternative = pan / f"panoptic_{split}2017"
-    if not seg_folder.is_dir() and alternative.is_dir():
-        seg_folder = alternative
-    return root / f"{split}2017", pan / "annotations" / f"panoptic_{split}2017.json", seg_folder
 
 
 def build_coco_panoptic(
@@ -400,7 +343,7 @@ def panoptic_from_instances(
     """
     json_path = Path(instances_json)
     data = read_json(json_path, "instances annotation file")
-    _require_keys(data, ("images", "annotations", "categories"), json_path)
+    require_keys(data, ("images", "annotations", "categories"), json_path)
     out_json, out_folder = Path(out_json), Path(out_folder)
     folder = None if image_dir is None else Path(image_dir)
     if folder is not None and not folder.is_dir():

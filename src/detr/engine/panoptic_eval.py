@@ -36,10 +36,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from detr.data.panoptic import read_json, read_segment_ids
+from detr.coco_panoptic import read_panoptic_json, read_segment_ids, segment_ids_to_png
 from detr.engine.distributed import is_main_process, world_size
 from detr.engine.evaluate import CocoEvaluator, model_outputs, target_image_id, target_sizes
-from detr.postprocess import postprocess_detections, postprocess_masks, postprocess_panoptic, segment_ids_to_png
+from detr.postprocess import postprocess_detections, postprocess_masks, postprocess_panoptic
 
 log = logging.getLogger(__name__)
 
@@ -197,11 +197,8 @@ def pq_compute(
     for folder in (gt_folder, pred_folder):
         if not folder.is_dir():
             raise FileNotFoundError(f"panoptic PNG folder not found: {folder}")
-    gt = read_json(gt_json, "ground-truth panoptic json")
-    pred = read_json(pred_json, "predicted panoptic json")
-    for data, path, keys in ((gt, gt_json, ("annotations", "categories")), (pred, pred_json, ("annotations",))):
-        if not isinstance(data, dict) or any(k not in data for k in keys):
-            raise ValueError(f"{path}: expected a COCO panoptic json with {list(keys)}")
+    gt = read_panoptic_json(gt_json, "ground-truth panoptic json", ("annotations", "categories"))
+    pred = read_panoptic_json(pred_json, "predicted panoptic json", ("annotations",))
     predictions = {int(a["image_id"]): a for a in pred["annotations"]}
     gt_annotations = gt["annotations"]
     if image_ids is not None:
@@ -249,9 +246,7 @@ class PanopticEvaluator:
 
     def __init__(self, gt_json: str | Path, gt_folder: str | Path, output_dir: str | Path) -> None:
         self.gt_json, self.gt_folder = Path(gt_json), Path(gt_folder)
-        gt = read_json(self.gt_json, "ground-truth panoptic json")
-        if not isinstance(gt, dict) or "categories" not in gt or "annotations" not in gt:
-            raise ValueError(f"{self.gt_json}: expected a COCO panoptic json with annotations and categories")
+        gt = read_panoptic_json(self.gt_json, "ground-truth panoptic json", ("annotations", "categories"))
         self.categories = {int(c["id"]): c for c in gt["categories"]}
         self.gt_image_ids = {int(a["image_id"]) for a in gt["annotations"]}
         self.output_dir = Path(output_dir)

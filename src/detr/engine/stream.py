@@ -23,8 +23,9 @@ from ..data.batch import DetectionBatch
 from ..loss import SetCriterion
 from . import distributed as dist_utils
 from .ema import ModelEMA
+from .log import JsonLog
 from .optim import build_optimizer
-from .train import JsonLog, Stepper
+from .train import Stepper
 
 log = logging.getLogger(__name__)
 

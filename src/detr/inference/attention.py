@@ -13,20 +13,33 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..model.detr import DETR
 from ..model.transformer import MultiheadAttention
 from ..postprocess import postprocess_detections
+from .results import Detection, ImageInput
 from .visualize import colour_for, draw_caption, draw_detections, font
 
-if TYPE_CHECKING:
-    from .predictor import Detection, Detector, ImageInput
+
+class _Detector(Protocol):
+    """What attention maps need of a ``Detector`` (which depends on this module, not the other way)."""
+
+    device: torch.device
+    detection_model: nn.Module
+
+    def load(self, image: ImageInput) -> Image.Image: ...
+
+    def preprocess(self, image: Image.Image) -> Tensor: ...
+
+    def select(self, result: Mapping[str, Tensor], threshold: float | None, top_k: int | None = None) -> Tensor: ...
+
+    def to_detections(self, result: Mapping[str, Tensor], indices: Tensor) -> list[Detection]: ...
 
 __all__ = [
     "AttentionMaps",
@@ -108,7 +121,7 @@ def _feature_cell(point: tuple[float, float], image_size: tuple[int, int], input
 
 
 def attention_maps(
-    detector: Detector,
+    detector: _Detector,
     image: ImageInput,
     *,
     top_k: int = 4,

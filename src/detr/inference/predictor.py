@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -22,7 +21,6 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
-from ..boxes import box_iou
 from ..checkpoint import load_checkpoint, read_checkpoint
 from ..data.images import load_image
 from ..data.transforms import make_coco_transforms
@@ -30,64 +28,15 @@ from ..model.detr import DETR
 from ..model.fuse import compile_for_inference, optimize_for_inference
 from ..model.minimal import DETRdemo
 from ..model.segmentation import DETRsegm
-from ..postprocess import postprocess_detections, postprocess_panoptic
+from ..postprocess import nms, postprocess_detections, postprocess_panoptic
 from ..runtime import amp_dtype
 from .names import COCO_LAST_THING_ID, ClassNames, resolve_class_names
+from .results import Detection, ImageInput, PanopticSegmentation
 
 if TYPE_CHECKING:
     from .attention import AttentionMaps
 
-ImageInput = Image.Image | str | os.PathLike[str]
-
 __all__ = ["Detection", "Detector", "ImageInput", "PanopticSegmentation", "nms"]
-
-
-@dataclass(frozen=True)
-class Detection:
-    """One detected object: ``box`` = (x0, y0, x1, y1) in the original image's pixels."""
-
-    box: tuple[float, float, float, float]
-    score: float
-    label: int
-    name: str
-
-    @property
-    def box_xywh(self) -> tuple[float, float, float, float]:
-        """(x, y, width, height): the COCO json layout."""
-        x0, y0, x1, y1 = self.box
-        return x0, y0, x1 - x0, y1 - y0
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"box": list(self.box), "score": self.score, "label": self.label, "name": self.name}
-
-
-@dataclass(frozen=True)
-class PanopticSegmentation:
-    """``segment_ids`` int32 [H, W] at the original size; each value is the ``id`` of one of ``segments``
-    (dicts with "id", "category_id", "isthing", "area", "name")."""
-
-    segment_ids: Tensor
-    segments: list[dict[str, Any]]
-
-
-def nms(boxes_xyxy: Tensor, scores: Tensor, labels: Tensor | None = None, iou_threshold: float = 0.5) -> Tensor:
-    """Greedy non-maximum suppression, class-wise when ``labels`` are given.
-
-    Visits boxes by decreasing score and drops every later box (of the same label) whose IoU with a
-    kept one is > ``iou_threshold``. boxes_xyxy [N, 4], scores [N], labels [N]; returns the kept
-    indices [M], by decreasing score.
-    """
-    order = scores.argsort(descending=True, stable=True)
-    iou, _ = box_iou(boxes_xyxy[order], boxes_xyxy[order])  # [N, N]
-    overlaps = iou > iou_threshold  # NaN (two empty boxes) compares False: both kept
-    if labels is not None:
-        sorted_labels = labels[order]
-        overlaps &= sorted_labels[:, None] == sorted_labels[None, :]
-    keep = torch.ones(len(order), dtype=torch.bool, device=order.device)
-    for i in range(len(order)):
-        if keep[i]:
-            keep[i + 1 :] &= ~overlaps[i, i + 1 :]
-    return order[keep]
 
 
 def _chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:

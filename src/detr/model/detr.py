@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from ..config import DetrConfig
-from ..data.batch import ImageBatch, as_image_batch
+from ..structures import ImageBatch, as_image_batch
 from .backbone import Backbone
 from .denoising import DenoisingOutputs, DenoisingQueries, group_attention_mask, noised_queries
 from .mlp import MLP
@@ -203,14 +203,3 @@ class DecoderQueries:
     attn_mask: Tensor | None  # [T, T] True = may attend; None when every query may see every other
     proposals: Proposals | None = None
     denoising: DenoisingQueries | None = None
-
-
-def build_detr(config: DetrConfig, *, freeze_detr: bool = False) -> nn.Module:
-    """The model for ``config``: DETR, or DETR with the mask head when ``config.masks``."""
-    if config.masks:
-        from .segmentation import DETRsegm
-
-        return DETRsegm(DETR(config), freeze_detr=freeze_detr)
-    if freeze_detr:
-        raise ValueError("freeze_detr only makes sense with masks=True (it trains the mask head alone)")
-    return DETR(config)
