@@ -251,3 +251,13 @@ def test_atomic_save_leaves_old_file_on_failure(tmp_path, monkeypatch):
         save_checkpoint(model, path)
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["m.safetensors"]  # no temp files left behind
+
+
+def test_saved_files_get_the_mode_of_a_plain_open(tmp_path):
+    # the temporary file renamed into place must not keep an owner-only mode (tempfile.mkstemp's 0600)
+    umask = os.umask(0o022)
+    try:
+        path = save_checkpoint(detr.build_detr(tiny_config()).eval(), tmp_path / "m.safetensors")
+    finally:
+        os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o644

@@ -21,8 +21,8 @@ import logging
 import os
 import pickle
 import re
+import secrets
 import struct
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -836,15 +836,30 @@ def load_checkpoint(
 
 # --- writing ---------------------------------------------------------------------------------
 
+def _new_temp_file(path: Path) -> tuple[str, int]:
+    """An empty file beside ``path`` and the mode a plain open() gives it (0666 less the umask)."""
+    while True:
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
+        try:
+            fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
+        except FileExistsError:
+            continue
+        mode = os.fstat(fd).st_mode & 0o777
+        os.close(fd)
+        return str(tmp), mode
+
+
 def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
     """Write through ``write(tmp_path)`` to a temporary file in the target directory, fsync it, then
     rename over ``path``: a crash leaves either the old file or the new one, never half of one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    tmp, mode = _new_temp_file(path)
     try:
         write(tmp)
+        # the file gets the mode of a plain open(), as torch.save's do; not tempfile.mkstemp's owner-only
+        # 0600, which some writers (safetensors) also give the file they put in place of ours
+        os.chmod(tmp, mode)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
