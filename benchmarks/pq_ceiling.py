@@ -21,9 +21,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from detr.data.panoptic import read_json, read_segment_ids
+from detr.data.panoptic import read_segment_ids
 from detr.data.transforms import resized_hw
 from detr.engine.panoptic_eval import PQAccumulator
+from detr.files import read_json
 from detr.postprocess import postprocess_panoptic
 
 STRIDE = 4  # the mask head's output stride

@@ -21,7 +21,6 @@ import logging
 import os
 import pickle
 import re
-import secrets
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -40,6 +39,7 @@ from .config import (
     from_reference_args,
     to_reference_args,
 )
+from .files import atomic_write
 from .model.detr import DETR, build_detr
 from .model.minimal import DemoConfig, DETRdemo
 from .model.segmentation import DETRsegm
@@ -835,44 +835,6 @@ def load_checkpoint(
 
 
 # --- writing ---------------------------------------------------------------------------------
-
-def _new_temp_file(path: Path) -> tuple[str, int]:
-    """An empty file beside ``path`` and the mode a plain open() gives it (0666 less the umask)."""
-    while True:
-        tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
-        try:
-            fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
-        except FileExistsError:
-            continue
-        mode = os.fstat(fd).st_mode & 0o777
-        os.close(fd)
-        return str(tmp), mode
-
-
-def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
-    """Write through ``write(tmp_path)`` to a temporary file in the target directory, fsync it, then
-    rename over ``path``: a crash leaves either the old file or the new one, never half of one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp, mode = _new_temp_file(path)
-    try:
-        write(tmp)
-        # the file gets the mode of a plain open(), as torch.save's do; not tempfile.mkstemp's owner-only
-        # 0600, which some writers (safetensors) also give the file they put in place of ours
-        os.chmod(tmp, mode)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
 
 def _model_kind_and_config(model: nn.Module) -> tuple[str, dict[str, Any]]:
     if isinstance(model, DETRdemo):

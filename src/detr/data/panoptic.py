@@ -43,9 +43,10 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from detr.boxes import masks_to_boxes_xyxy
-from detr.data.coco import SPLITS, CocoDetection, decode_segmentation, load_annotated_image, read_json
+from detr.data.coco import SPLITS, CocoDetection, decode_segmentation, load_annotated_image
 from detr.data.images import ImageLoadError
 from detr.data.transforms import Target, Transform
+from detr.files import read_json
 from detr.postprocess import rgb_to_segment_ids, segment_ids_to_png
 
 logger = logging.getLogger(__name__)
@@ -56,7 +57,6 @@ __all__ = [
     "coco_panoptic_paths",
     "panoptic_from_instances",
     "panoptic_target",
-    "read_json",
     "read_segment_ids",
 ]
 

@@ -36,9 +36,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from detr.data.panoptic import read_json, read_segment_ids
+from detr.data.panoptic import read_segment_ids
 from detr.engine.distributed import is_main_process, world_size
 from detr.engine.evaluate import CocoEvaluator, model_outputs, target_image_id, target_sizes
+from detr.files import read_json
 from detr.postprocess import postprocess_detections, postprocess_masks, postprocess_panoptic, segment_ids_to_png
 
 log = logging.getLogger(__name__)

@@ -27,7 +27,6 @@ from torch.utils.data.distributed import DistributedSampler
 from ..checkpoint import (
     SAFE_GLOBALS,
     CheckpointError,
-    atomic_write,
     load_weights,
     read_checkpoint,
     save_checkpoint,
@@ -38,6 +37,7 @@ from ..data.coco import CocoDetection, build_coco
 from ..data.formats import detect_format, load_split
 from ..data.panoptic import CocoPanoptic, coco_panoptic_paths
 from ..data.transforms import make_coco_transforms
+from ..files import atomic_write
 from ..loss import SetCriterion
 from ..model.detr import build_detr
 from ..model.segmentation import DETRsegm
