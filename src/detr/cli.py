@@ -402,7 +402,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .weights import DownloadError
+    from .checkpoint import DownloadError
 
     args = build_parser().parse_args(argv)
     _setup_logging()
