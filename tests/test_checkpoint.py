@@ -261,3 +261,11 @@ def test_saved_files_get_the_mode_of_a_plain_open(tmp_path):
     finally:
         os.umask(umask)
     assert path.stat().st_mode & 0o777 == 0o644
+
+
+@pytest.mark.parametrize("text", ["{bad", "[1]"])
+def test_checkpoint_directory_with_a_broken_config_json(tmp_path, text):
+    save_checkpoint(detr.build_detr(tiny_config()).eval(), tmp_path / "model.safetensors")
+    (tmp_path / "config.json").write_text(text)
+    with pytest.raises(CheckpointError, match="config.json"):
+        read_checkpoint(tmp_path)

@@ -15,7 +15,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from ..config import DetrConfig
-from ..files import atomic_write
+from ..files import atomic_write, read_json
 from ..model.detr import DETR
 from ..model.minimal import DemoConfig, DETRdemo
 from ..model.segmentation import DETRsegm
@@ -94,8 +94,11 @@ def read_directory(path: Path) -> Checkpoint:
     weights, cfg_file = path / "model.safetensors", path / "config.json"
     if not weights.exists() or not cfg_file.exists():
         raise CheckpointError(f"{path}: a checkpoint directory needs model.safetensors and config.json")
-    meta = json.loads(cfg_file.read_text())
-    if meta.get("format") != FORMAT:
+    try:
+        meta = read_json(cfg_file, "checkpoint config")
+    except ValueError as e:  # names the file, line and column
+        raise CheckpointError(str(e)) from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise CheckpointError(f"{cfg_file}: not a detr config (no \"format\": \"detr\")")
     sd, _ = read_safetensors(weights)
     kind, config, demo = config_from_metadata(meta, cfg_file)
