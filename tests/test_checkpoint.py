@@ -23,6 +23,7 @@ from detr.checkpoint import (
     reference_to_ours,
     safe_torch_load,
     save_checkpoint,
+    state_dict_for,
 )
 from detr.config import preset
 from detr.model.minimal import DemoConfig, DETRdemo
@@ -269,3 +270,12 @@ def test_checkpoint_directory_with_a_broken_config_json(tmp_path, text):
     (tmp_path / "config.json").write_text(text)
     with pytest.raises(CheckpointError, match="config.json"):
         read_checkpoint(tmp_path)
+
+
+def test_state_dict_for_fits_a_detector_to_a_panoptic_model_and_back():
+    detector, panoptic = detr.build_detr(tiny_config()), detr.build_detr(tiny_config(masks=True))
+    seeded = state_dict_for(panoptic, detector.state_dict())
+    assert set(seeded) == {k for k in panoptic.state_dict() if k.startswith("detr.")}  # the mask head stays fresh
+    assert state_dict_for(panoptic, panoptic.state_dict()).keys() == panoptic.state_dict().keys()
+    assert state_dict_for(detector, panoptic.state_dict()).keys() == detector.state_dict().keys()
+    assert state_dict_for(detector, detector.state_dict()).keys() == detector.state_dict().keys()
