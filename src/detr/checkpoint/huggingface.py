@@ -141,6 +141,7 @@ def hf_to_ours(state_dict: dict[str, Tensor], *, where: str | Path = "state dict
 # --- directories -------------------------------------------------------------------------------
 
 def is_hf_directory(path: Path) -> bool:
+    """Whether ``path`` is a transformers ``save_pretrained`` directory: its config.json names a model_type."""
     try:
         meta = json.loads((path / "config.json").read_text())
     except (OSError, ValueError):

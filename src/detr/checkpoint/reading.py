@@ -63,6 +63,7 @@ def _read_torch_file(path: Path) -> Checkpoint:
 
 
 def _from_state_dict(sd: dict[str, Tensor], path: Path) -> Checkpoint:
+    """A bare state dict in the reference's layout, ours or the demo model's."""
     try:
         layout = state_dict_layout(sd)
     except OtherModelError as e:
