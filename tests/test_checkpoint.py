@@ -23,6 +23,7 @@ from detr.checkpoint import (
     reference_to_ours,
     safe_torch_load,
     save_checkpoint,
+    state_dict_for,
 )
 from detr.config import preset
 from detr.model.minimal import DemoConfig, DETRdemo
@@ -251,3 +252,30 @@ def test_atomic_save_leaves_old_file_on_failure(tmp_path, monkeypatch):
         save_checkpoint(model, path)
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["m.safetensors"]  # no temp files left behind
+
+
+def test_saved_files_get_the_mode_of_a_plain_open(tmp_path):
+    # the temporary file renamed into place must not keep an owner-only mode (tempfile.mkstemp's 0600)
+    umask = os.umask(0o022)
+    try:
+        path = save_checkpoint(detr.build_detr(tiny_config()).eval(), tmp_path / "m.safetensors")
+    finally:
+        os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o644
+
+
+@pytest.mark.parametrize("text", ["{bad", "[1]"])
+def test_checkpoint_directory_with_a_broken_config_json(tmp_path, text):
+    save_checkpoint(detr.build_detr(tiny_config()).eval(), tmp_path / "model.safetensors")
+    (tmp_path / "config.json").write_text(text)
+    with pytest.raises(CheckpointError, match="config.json"):
+        read_checkpoint(tmp_path)
+
+
+def test_state_dict_for_fits_a_detector_to_a_panoptic_model_and_back():
+    detector, panoptic = detr.build_detr(tiny_config()), detr.build_detr(tiny_config(masks=True))
+    seeded = state_dict_for(panoptic, detector.state_dict())
+    assert set(seeded) == {k for k in panoptic.state_dict() if k.startswith("detr.")}  # the mask head stays fresh
+    assert state_dict_for(panoptic, panoptic.state_dict()).keys() == panoptic.state_dict().keys()
+    assert state_dict_for(detector, panoptic.state_dict()).keys() == detector.state_dict().keys()
+    assert state_dict_for(detector, detector.state_dict()).keys() == detector.state_dict().keys()

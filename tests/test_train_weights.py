@@ -14,8 +14,16 @@ import torch
 from safetensors.torch import save_file
 
 from conftest import COCO_MINI
-from detr import weights
-from detr.checkpoint import CheckpointError, read_backbone_weights, read_checkpoint, save_checkpoint
+from detr.checkpoint import (
+    TORCHVISION_HOST,
+    CheckpointError,
+    DownloadError,
+    WeightsEntry,
+    read_backbone_weights,
+    read_checkpoint,
+    save_checkpoint,
+)
+from detr.checkpoint import downloads as weights
 from detr.cli import main
 from detr.config import preset
 from detr.data.shapes import generate_shapes
@@ -25,7 +33,6 @@ from detr.engine.options import TrainOptions
 from detr.engine.train import train
 from detr.model import build_detr
 from detr.model.backbone import ResNet
-from detr.weights import TORCHVISION_HOST, DownloadError, WeightsEntry
 
 TINY = ["--hidden_dim", "32", "--dim_feedforward", "64", "--enc_layers", "1", "--dec_layers", "1", "--num_queries",
         "5", "--num_workers", "0", "--no_progress"]

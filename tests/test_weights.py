@@ -19,10 +19,9 @@ import torch
 
 import detr
 from conftest import COCO_MINI
-from detr import weights
-from detr.checkpoint import load_checkpoint
+from detr.checkpoint import DETR_HOST, TORCHVISION_HOST, DownloadError, WeightsEntry, load_checkpoint, resolve
+from detr.checkpoint import downloads as weights
 from detr.cli import main
-from detr.weights import DETR_HOST, TORCHVISION_HOST, DownloadError, WeightsEntry, resolve
 
 
 def sha_prefix(data: bytes) -> str:

@@ -53,7 +53,7 @@ def read_panoptic_json(
     keys: Sequence[str] = ("images", "annotations", "categories"),
 ) -> dict[str, Any]:
     """A panoptic json, checked for its top-level ``keys``; errors name the file (and line, for bad json)."""
-    from detr.data.coco import read_json
+    from detr.files import read_json
 
     data = read_json(path, what)
     require_keys(data, keys, Path(path))

@@ -37,8 +37,9 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from .checkpoint import atomic_write, load_checkpoint
+from .checkpoint import load_checkpoint
 from .data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from .files import atomic_write
 from .model.detr import DETR
 from .model.minimal import DETRdemo
 from .model.segmentation import DETRsegm

@@ -2,7 +2,7 @@
 
 Each factory builds one of the paper's models. ``weights`` is None (random initialization),
 ``"coco"`` (the factory's released model: ``detr_resnet50(weights="coco")`` is the reference's
-``pretrained=True``), a released name (``"detr-r50"``, see ``detr.weights.NAMES``), a URL, or a
+``pretrained=True``), a released name (``"detr-r50"``, see ``detr.checkpoint.NAMES``), a URL, or a
 local file or directory in any format ``load_checkpoint`` reads (the reference's ``.pth``, our
 ``.safetensors``, a transformers ``save_pretrained`` directory). Names and URLs are downloaded once
 into the cache (``DETR_CACHE``) and verified; model hub names (``facebook/detr-resnet-50``) are not
@@ -23,10 +23,9 @@ from typing import Any
 
 from torch import nn
 
-from .checkpoint import CheckpointError, infer_config, load_weights, locate, read_checkpoint
+from .checkpoint import CheckpointError, infer_config, load_weights, locate, names_hint, read_checkpoint
 from .config import preset
 from .model import build_detr
-from .weights import names_hint
 
 log = logging.getLogger(__name__)
 

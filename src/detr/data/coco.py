@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import logging
 import os
 import random
@@ -36,6 +35,7 @@ from torch.utils.data import Dataset
 
 from detr.data.images import ImageLoadError, exif_orientation, open_decoded, oriented_size, to_rgb
 from detr.data.transforms import Target, Transform
+from detr.files import read_json
 
 logger = logging.getLogger(__name__)
 
@@ -116,20 +116,6 @@ def load_annotated_image(path: Path, width: int | None, height: int | None) -> I
         f"after EXIF orientation {orientation}, but the annotation says {width}x{height}",
         path,
     )
-
-
-def read_json(path: str | os.PathLike[str], what: str = "annotation file") -> Any:
-    """Parse a json file; a syntax error names the file, line and column."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{what} not found: {path}")
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}:{e.lineno}:{e.colno}: invalid JSON in this {what}: {e.msg}") from None
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not UTF-8 text, so not a json {what} ({e.reason} at byte {e.start})") from None
 
 
 def coco_api(dataset: dict[str, Any], source: str | os.PathLike[str] = "<memory>") -> COCO:

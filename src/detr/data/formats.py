@@ -17,7 +17,8 @@ from typing import Any
 
 from pycocotools.coco import COCO
 
-from detr.data.coco import coco_api, coco_paths, load_coco, read_json
+from detr.data.coco import coco_api, coco_paths, load_coco
+from detr.files import atomic_write, read_json
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +145,6 @@ def convert(source: str | os.PathLike[str], out: str | os.PathLike[str], *, from
     to="yolo"/"voc": ``out`` is a folder; the images are linked (copied where links fail); the split is
     named ``split`` (default train).
     """
-    from detr.checkpoint import atomic_write
     from detr.data.voc import write_voc
     from detr.data.yolo import write_yolo
 

@@ -39,9 +39,10 @@ from torch.utils.data import Dataset
 
 from detr.boxes import masks_to_boxes_xyxy
 from detr.coco_panoptic import coco_panoptic_paths, read_segment_ids, require_keys, segment_ids_to_png
-from detr.data.coco import CocoDetection, decode_segmentation, load_annotated_image, read_json
+from detr.data.coco import CocoDetection, decode_segmentation, load_annotated_image
 from detr.data.images import ImageLoadError
 from detr.data.transforms import Target, Transform
+from detr.files import read_json
 
 logger = logging.getLogger(__name__)
 

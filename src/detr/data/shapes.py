@@ -37,6 +37,7 @@ from pycocotools import mask as mask_utils
 from detr.boxes import xyxy_to_cxcywh
 from detr.data.batch import DetectionBatch, collate_detection
 from detr.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from detr.files import atomic_write
 
 SHAPES_CATEGORIES = (
     {"id": 1, "name": "rectangle", "supercategory": "shape"},
@@ -66,10 +67,9 @@ class ShapesParams:
 
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    # Concurrent generators (e.g. several ranks) never see a half-written file.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    # Concurrent generators (e.g. several ranks) never see a half-written file; no fsync for thousands of
+    # small files that can be generated again.
+    atomic_write(path, lambda tmp: Path(tmp).write_bytes(data), durable=False)
 
 
 def _background(rng: np.random.Generator, size: int) -> np.ndarray:

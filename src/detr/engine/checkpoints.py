@@ -13,7 +13,8 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from ..checkpoint import SAFE_GLOBALS, atomic_write
+from ..checkpoint import SAFE_GLOBALS
+from ..files import atomic_write
 from .ema import ModelEMA
 from .options import TrainOptions
 

@@ -6,10 +6,9 @@ from __future__ import annotations
 
 import logging
 
-import torch
 from torch import nn
 
-from ..checkpoint import CheckpointError, load_weights, read_checkpoint
+from ..checkpoint import CheckpointError, load_weights, read_checkpoint, state_dict_for
 from ..config import DetrConfig
 from ..model.segmentation import DETRsegm
 from .options import RunOptions
@@ -33,8 +32,7 @@ def _detector(model: nn.Module) -> nn.Module:
 def load_backbone_weights(model: nn.Module, spec: str, config: DetrConfig) -> str:
     """Load ImageNet weights (``"imagenet"``, a name, a file or a URL) into the model's ResNet; returns
     where they came from."""
-    from ..checkpoint import backbone_depth, read_backbone_weights
-    from ..weights import imagenet_name
+    from ..checkpoint import backbone_depth, imagenet_name, read_backbone_weights
 
     if config.backbone.norm != "frozen_bn":
         raise ValueError(
@@ -69,16 +67,15 @@ def init_weights(model: nn.Module, config: DetrConfig, options: RunOptions) -> d
         if not isinstance(model, DETRsegm):
             raise ValueError("--frozen_weights trains the mask head: it needs --masks")
         detector = read_checkpoint(options.frozen_weights)
-        sd = {k.removeprefix("detr."): v for k, v in detector.state_dict.items()
-              if not k.startswith(("bbox_attention.", "mask_head."))}
-        load_weights(model.detr, sd)
+        load_weights(model.detr, state_dict_for(model.detr, detector.state_dict))
         return {"detector (frozen)": f"{options.frozen_weights} (--frozen_weights)",
                 "mask head": "random initialization"}
     if options.pretrained:
         if explicit:
             log.warning("--backbone_weights %s is not used: --pretrained %s holds the backbone too",
                         options.backbone_weights, options.pretrained)
-        fresh = load_weights(model, _pretrained_state(options.pretrained, model), reinit_heads=True)
+        pretrained = read_checkpoint(options.pretrained).state_dict
+        fresh = load_weights(model, state_dict_for(model, pretrained), reinit_heads=True)
         sources = {"everything": f"{options.pretrained} (--pretrained)"}
         if fresh:
             log.warning("fine-tuning: re-initialized %s (the checkpoint has another class count or query count)",
@@ -92,7 +89,7 @@ def init_weights(model: nn.Module, config: DetrConfig, options: RunOptions) -> d
         if frozen_bn:
             raise ValueError(f"refusing to train: {FROZEN_BN_NEEDS_WEIGHTS}")
         return {"backbone": f"random initialization ({config.backbone.norm}, trained)", "transformer and heads": rest}
-    from ..weights import DownloadError
+    from ..checkpoint import DownloadError
 
     try:
         source = load_backbone_weights(model, spec, config)
@@ -102,14 +99,3 @@ def init_weights(model: nn.Module, config: DetrConfig, options: RunOptions) -> d
         hint = f"The default --backbone_weights imagenet could not be had; {FROZEN_BN_NEEDS_WEIGHTS}."
         raise DownloadError(f"{e} {hint}") from None
     return {"backbone": source, "transformer and heads": rest}
-
-
-def _pretrained_state(path: str, model: nn.Module) -> dict[str, torch.Tensor]:
-    ckpt = read_checkpoint(path)
-    sd = ckpt.state_dict
-    # A detector checkpoint can seed a panoptic model and vice versa: align the "detr." prefix.
-    if isinstance(model, DETRsegm) and not any(k.startswith("detr.") for k in sd):
-        sd = {f"detr.{k}": v for k, v in sd.items()}
-    if not isinstance(model, DETRsegm):
-        sd = {k.removeprefix("detr."): v for k, v in sd.items() if not k.startswith(("bbox_attention.", "mask_head."))}
-    return sd

@@ -1,4 +1,4 @@
-"""Weights by name: the released files, a cache folder, verified downloads.
+"""Weights by name: the released files, a cache folder, verified downloads (``detr.checkpoint.downloads``).
 
 One home for what the field's tools do with ``torch.hub.load_state_dict_from_url``: a name (or a URL)
 resolves to a local file in a cache folder, downloaded on first use with a progress bar, verified
@@ -8,6 +8,7 @@ once complete and verified. Local paths are returned untouched.
     path = resolve("detr-r50")          # ~/.cache/detr/detr-r50-e632da11.pth (downloaded once)
     path = resolve("resnet50")          # torchvision's ImageNet ResNet-50 (IMAGENET1K_V1)
     path = resolve("https://host/x/model-1a2b3c4d.pth")   # any URL; "-<hex>" names are checked
+    path = locate("detr-r50")           # the same, and a clear error for a name that is neither
 
 Environment:
     DETR_CACHE            the cache folder (default ``$XDG_CACHE_HOME/detr`` or ``~/.cache/detr``)
@@ -47,6 +48,7 @@ __all__ = [
     "hash_prefix_of",
     "imagenet_name",
     "is_url",
+    "locate",
     "resolve",
 ]
 
@@ -178,7 +180,7 @@ def source_url(e: WeightsEntry) -> str:
     return mirror.rstrip("/") + urllib.parse.urlsplit(e.url).path
 
 
-def _sha256(path: Path) -> str:
+def sha256_of(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(CHUNK), b""):
@@ -288,3 +290,12 @@ def resolve(spec: str | os.PathLike[str], *, progress: bool = True) -> Path:
 
 def names_hint() -> str:
     return "known names: " + ", ".join(NAMES)
+
+
+def locate(spec: str | os.PathLike[str]) -> Path:
+    """A local path as is; a released name (``detr-r50``) or a URL -> the cached file, downloaded on
+    first use."""
+    path = resolve(spec)
+    if not path.exists() and not is_url(spec) and os.sep not in str(spec) and "." not in str(spec):
+        raise FileNotFoundError(f"checkpoint not found: {spec} is neither a file nor a known name ({names_hint()})")
+    return path
