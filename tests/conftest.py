@@ -14,6 +14,13 @@ FIXTURE = SHARED / "fixtures" / "detr_reference.pt"
 COCO_MINI = SHARED / "data" / "coco-mini"
 
 
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now (the OS picks it), for a rendezvous."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @pytest.fixture(scope="session")
 def reference() -> dict:
     """The tensors computed by the reference implementation (see ../shared/fixtures/README.md)."""
