@@ -83,15 +83,43 @@ def test_inference_bf16_line_compares_with_fp32(monkeypatch, capsys):
     assert 0 < line["bf16_max_abs_diff"]["pred_boxes"] < 0.1 and line["optimized_max_abs_diff"]["pred_boxes"] < 1e-4
 
 
-def test_demo_steps_logs_losses_and_held_out_ap(tmp_path, capsys):
+def test_demo_steps_logs_losses_and_held_out_ap(tmp_path, capsys, monkeypatch):
+    import copy
+
+    from torch.utils.data import DataLoader
+
+    from detr.data import collate_detection, make_coco_transforms
+    from detr.data.coco import CocoDetection
+    from detr.engine.evaluate import evaluate
+    from detr.model.detr import build_detr
+
     demo_steps = _load("demo_steps")
+    evaluated = []
+
+    def spy(model, loader, **kwargs):  # the model as evaluated, and what evaluate() said
+        result = evaluate(model, loader, **kwargs)
+        evaluated.append((copy.deepcopy(model.config), copy.deepcopy(model.state_dict()), result))
+        return result
+
+    monkeypatch.setattr(demo_steps, "evaluate", spy)
     argv = ["--data_dir", str(tmp_path), "--num_train", "8", "--num_val", "4", "--image_size", "64", "--steps", "2",
             "--log_every", "1", "--eval_every", "2", "--batch_size", "2", "--threads", "1"]
     assert demo_steps.main(argv) == 0
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert lines[0]["args"]["num_train"] == 8 and [line["step"] for line in lines[1:]] == [1, 2, 2]
-    assert lines[1]["loss_ce"] > 0 and lines[2]["loss_giou"] > 0 and 0 <= lines[3]["ap50"] <= 1
-    assert len(list(tmp_path.glob("shapes_8_4_64_*/train2017/*.png"))) == 8
+    assert lines[1]["loss_ce"] > 0 and lines[2]["loss_giou"] > 0
+    (data,) = tmp_path.glob("shapes_8_4_64_*")
+    assert len(list((data / "train2017").glob("*.png"))) == 8
+    # The held-out line is the trained model's AP on the 4 val images at the image size, recomputed here.
+    ((config, state, result),) = evaluated
+    assert (lines[3]["ap"], lines[3]["ap50"]) == (result["bbox"]["AP"], result["bbox"]["AP50"])
+    model = build_detr(config)
+    model.load_state_dict(state)
+    val = CocoDetection(data / "val2017", data / "annotations" / "instances_val2017.json",
+                        transforms=make_coco_transforms("val", scales=[64], max_size=128))
+    expected = evaluate(model.eval(), DataLoader(val, batch_size=4, collate_fn=collate_detection), coco_gt=val.coco,
+                        progress=False)
+    assert expected["num_images"] == 4 and expected["bbox"] == result["bbox"]
 
 
 def _synthetic_panoptic(tmp_path: Path, ids, segments) -> tuple[Path, Path]:
