@@ -1,10 +1,10 @@
 """The distribution detr-pytorch: an sdist that builds a wheel, a wheel with the package, the license and
 the `detr` command and nothing else, and an install of it (not the source tree) that runs.
 
-Everything is built from a copy of the files the sdist takes (pyproject.toml, README.md, LICENSE, src/), with
-the setuptools of this environment and no network; the install is a fresh venv that borrows this
-environment's site-packages for torch and the other dependencies (as a path, so that no editable install of
-the source tree found there comes along).
+Everything is built from a copy of the checkout (less caches and build outputs), with the setuptools of
+this environment and no network; the install is a fresh venv that borrows this environment's site-packages
+for torch and the other dependencies (as a path, so that no editable install of the source tree found there
+comes along).
 """
 
 from __future__ import annotations
@@ -38,10 +38,10 @@ def run(args: list, **kwargs) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def dist(tmp_path_factory) -> dict[str, Path]:
     """sdist (setuptools' PEP 517 hook, as `python -m build --sdist` calls it), then the wheel built from it."""
-    source = tmp_path_factory.mktemp("source")
-    for name in ("pyproject.toml", "README.md", "LICENSE"):
-        shutil.copy(REPO / name, source / name)
-    shutil.copytree(REPO / "src", source / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    source = tmp_path_factory.mktemp("checkout") / "detr"
+    skip = (".git", ".venv", "__pycache__", "*.egg-info", "build", "dist", ".pytest_cache", ".ruff_cache", "outputs",
+            "runs")
+    shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(*skip))
     out = tmp_path_factory.mktemp("dist")
     hook = "import sys; from setuptools import build_meta; print(build_meta.build_sdist(sys.argv[1]))"
     name = run([sys.executable, "-c", hook, out], cwd=source).stdout.strip().splitlines()[-1]
@@ -59,7 +59,7 @@ def test_sdist_holds_the_sources_and_the_license(dist):
         license_text = archive.extractfile(f"detr_pytorch-{detr.__version__}/LICENSE").read()
     assert {"pyproject.toml", "README.md", "LICENSE", "PKG-INFO"} <= names
     assert {n for n in names if n.startswith("src/detr/") and n.endswith(".py")} == {f"src/{s}" for s in SOURCES}
-    assert not [n for n in names if n.startswith("tests") or "conftest" in n]
+    assert not [n for n in names if n.startswith(("tests", "benchmarks", "docs")) or "conftest" in n]
     assert license_text == (REPO / "LICENSE").read_bytes()
 
 
