@@ -66,9 +66,11 @@ def test_maps_have_the_feature_shape_and_are_distributions(maps):
     assert torch.allclose(maps.decoder.sum((1, 2)), torch.ones(3), atol=1e-5)
     assert torch.allclose(maps.encoder.sum((1, 2)), torch.ones(len(maps.points)), atol=1e-5)
     assert (maps.decoder >= 0).all() and (maps.encoder >= 0).all()
-    # Default reference points: the top boxes' centres, one per feature cell, inside the image.
-    assert 1 <= len(maps.points) <= 3
-    assert all(0 <= x <= width and 0 <= y <= height for x, y in maps.points)
+    # Default reference points: the top boxes' centres in score order, the first one of each feature cell
+    # (cells of 32 x 32 input pixels; the input is the image scaled by 160 / 480 and 213 / 640).
+    centres = [((d.box[0] + d.box[2]) / 2, (d.box[1] + d.box[3]) / 2) for d in maps.detections]
+    cells = [(int(y * 160 / height // 32), int(x * 213 / width // 32)) for x, y in centres]
+    assert maps.points == [c for i, c in enumerate(centres) if cells[i] not in cells[:i]]
     scores = [d.score for d in maps.detections]
     assert scores == sorted(scores, reverse=True)
     shown = maps.to_image_size(maps.decoder[0])
