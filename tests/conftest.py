@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import socket
 import threading
+from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -12,6 +13,13 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 FIXTURE = SHARED / "fixtures" / "detr_reference.pt"
 COCO_MINI = SHARED / "data" / "coco-mini"
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now (the OS picks it), for a rendezvous."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")
@@ -73,17 +81,23 @@ def server():
 
 
 # Named weights would come from the official hosts; in tests they come from 127.0.0.1 or nowhere.
-NOWHERE = "http://127.0.0.1:9"  # the discard port: nothing listens, the connection is refused
+@pytest.fixture(scope="session")
+def nowhere() -> Iterator[str]:
+    """The URL of a port this session holds without listening: every connection to it is refused, and no
+    other program can take the port while the tests run."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as held:
+        held.bind(("127.0.0.1", 0))
+        yield f"http://127.0.0.1:{held.getsockname()[1]}"
 
 
 @pytest.fixture(autouse=True)
-def _no_downloads_from_outside(tmp_path_factory, monkeypatch) -> None:
+def _no_downloads_from_outside(tmp_path_factory, monkeypatch, nowhere) -> None:
     """Every test (and the processes it starts) gets an empty weights cache and a mirror that refuses
     connections, unless it points DETR_WEIGHTS_MIRROR at its own local server."""
     home = tmp_path_factory.mktemp("weights-home")
     monkeypatch.setenv("DETR_CACHE", str(home / "cache"))
     monkeypatch.setenv("TORCH_HOME", str(home / "torch-home"))  # no files from a real torch.hub cache
-    monkeypatch.setenv("DETR_WEIGHTS_MIRROR", NOWHERE)
+    monkeypatch.setenv("DETR_WEIGHTS_MIRROR", nowhere)
 
 
 @pytest.fixture

@@ -19,6 +19,7 @@ from detr.inference.attention import (
     heatmap,
 )
 from detr.inference.predictor import Detector
+from detr.inference.visualize import colour_for, draw_detections
 from detr.model.transformer import MultiheadAttention
 from test_predictor import reference_checkpoint, run_cli
 
@@ -65,9 +66,11 @@ def test_maps_have_the_feature_shape_and_are_distributions(maps):
     assert torch.allclose(maps.decoder.sum((1, 2)), torch.ones(3), atol=1e-5)
     assert torch.allclose(maps.encoder.sum((1, 2)), torch.ones(len(maps.points)), atol=1e-5)
     assert (maps.decoder >= 0).all() and (maps.encoder >= 0).all()
-    # Default reference points: the top boxes' centres, one per feature cell, inside the image.
-    assert 1 <= len(maps.points) <= 3
-    assert all(0 <= x <= width and 0 <= y <= height for x, y in maps.points)
+    # Default reference points: the top boxes' centres in score order, the first one of each feature cell
+    # (cells of 32 x 32 input pixels; the input is the image scaled by 160 / 480 and 213 / 640).
+    centres = [((d.box[0] + d.box[2]) / 2, (d.box[1] + d.box[3]) / 2) for d in maps.detections]
+    cells = [(int(y * 160 / height // 32), int(x * 213 / width // 32)) for x, y in centres]
+    assert maps.points == [c for i, c in enumerate(centres) if cells[i] not in cells[:i]]
     scores = [d.score for d in maps.detections]
     assert scores == sorted(scores, reverse=True)
     shown = maps.to_image_size(maps.decoder[0])
@@ -140,15 +143,64 @@ def test_explicit_points_pick_their_feature_cells(detector, maps):
     assert not torch.allclose(full[0], full[(h - 1) * w + (w - 1)])  # distinct cells, distinct rows
 
 
+def panel(figure: Image.Image, index: int, size: tuple[int, int], columns: int = 3, gap: int = 6) -> np.ndarray:
+    """Panel ``index`` (row-major, ``size`` = (w, h)) of a figure laid out by the attention module's grid."""
+    row, column = divmod(index, columns)
+    x, y = gap + column * (size[0] + gap), gap + row * (size[1] + gap)
+    return np.asarray(figure)[y : y + size[1], x : x + size[0]]
+
+
 def test_figures_are_drawn(maps):
-    decoder = draw_decoder_attention(maps, panel_size=200)
-    encoder = draw_encoder_attention(maps, panel_size=200)
-    for figure in (decoder, encoder):
-        assert figure.mode == "RGB" and figure.width >= 200 and figure.height >= 100
-        assert len(np.unique(np.asarray(figure).reshape(-1, 3), axis=0)) > 100
+    panel_size = 200
+    scale = panel_size / max(maps.image.size)  # 640 x 480 -> 200 x 150
+    size = (round(maps.image.width * scale), round(maps.image.height * scale))
+    grey = np.asarray(maps.image.convert("L").convert("RGB"), dtype=np.float32)
+
+    def overlay(attention: torch.Tensor) -> np.ndarray:
+        """The expected heat-map panel: 0.35 grey image + 0.65 viridis of the map, scaled to the panel."""
+        mixed = 0.35 * grey + 0.65 * heatmap(maps.to_image_size(attention)).astype(np.float32)
+        image = Image.fromarray(np.clip(np.rint(mixed), 0, 255).astype(np.uint8))
+        return np.asarray(image.resize(size, Image.Resampling.BILINEAR)).astype(int)
+
+    decoder = draw_decoder_attention(maps, panel_size=panel_size)
+    encoder = draw_encoder_attention(maps, panel_size=panel_size)
+    assert decoder.size == (3 * size[0] + 4 * 6, 2 * size[1] + 3 * 6)  # overview + 3 detections, 3 columns
+    below_title = np.zeros(size[::-1], dtype=bool)
+    below_title[30:] = True  # the panels' titles sit in their top rows
+    for i, det in enumerate(maps.detections):
+        shown = panel(decoder, i + 1, size)
+        x0, y0, x1, y1 = (round(v * scale) for v in det.box)
+        box = np.zeros_like(below_title)
+        box[max(y0 - 2, 0) : y1 + 3, max(x0 - 2, 0) : x1 + 3] = True  # the outline, give or take rounding
+        # Away from the box and the title: this detection's own attention map over the greyed image ...
+        away = below_title & ~box
+        assert np.abs(shown[away].astype(int) - overlay(maps.decoder[i])[away]).max() <= 1
+        other = overlay(maps.decoder[(i + 1) % len(maps.detections)])
+        assert np.abs(shown[away].astype(int) - other[away]).max() > 10  # ... and not another's
+        # ... and the box outlined in its class colour (its bottom edge, clear of the title).
+        if y1 - 1 < size[1] and y1 - 1 > 30:
+            bottom = shown[y1 - 1, x0 + 3 : x1 - 3]
+            assert (bottom == colour_for(det.label)).all(), i
+    # The overview: the scaled image with the detections drawn by draw_detections.
+    boxes = [[v * scale for v in d.box] for d in maps.detections]
+    base = maps.image.resize(size, Image.Resampling.BILINEAR)
+    overview = draw_detections(base, boxes, [d.label for d in maps.detections], [d.score for d in maps.detections],
+                               {d.label: d.name for d in maps.detections})
+    assert np.array_equal(panel(decoder, 0, size)[below_title], np.asarray(overview)[below_title])
+    # Encoder: per reference point its self-attention map with the point marked in its colour.
+    for i, (x, y) in enumerate(maps.points):
+        shown = panel(encoder, i + 1, size)
+        assert tuple(shown[round(y * scale), round(x * scale)]) == colour_for(i)
+        mark = np.zeros_like(below_title)
+        cy, cx = round(y * scale), round(x * scale)
+        mark[max(cy - 8, 0) : cy + 9, max(cx - 8, 0) : cx + 9] = True
+        away = below_title & ~mark
+        assert np.abs(shown[away].astype(int) - overlay(maps.encoder[i])[away]).max() <= 1
+        assert tuple(panel(encoder, 0, size)[cy, cx]) == colour_for(i)
     colours = heatmap(np.array([[0.0, 0.5, 1.0]]))
     assert colours.shape == (1, 3, 3) and colours.dtype == np.uint8
-    assert colours[0, 0].sum() < colours[0, 2].sum()  # dark for low, bright for high
+    assert colours[0, 0].tolist() == [68, 1, 84] and colours[0, 2].tolist() == [253, 231, 37]  # viridis' ends
+    assert colours[0, 1].tolist() == [33, 145, 140]  # its middle stop
 
 
 def test_attention_command_writes_pngs(checkpoint, tmp_path):
@@ -158,6 +210,13 @@ def test_attention_command_writes_pngs(checkpoint, tmp_path):
     assert code == 0, stderr
     summary = json.loads(stdout.strip().splitlines()[-1])
     assert len(summary["detections"]) == 2 and summary["points"] == [[100.0, 100.0], [500.0, 300.0]]
-    for name in ("000000018575_decoder_attention.png", "000000018575_encoder_attention.png"):
-        with Image.open(tmp_path / name) as figure:
-            assert figure.width > 200 and len(np.unique(np.asarray(figure.convert("RGB")).reshape(-1, 3), axis=0)) > 50
+    # The figures the Python API draws for the same image, sizes, detections and points.
+    maps = Detector(load_checkpoint(checkpoint), threshold=0.0, size=128, max_size=200).attention(
+        IMAGE, top_k=2, points=[(100.0, 100.0), (500.0, 300.0)])
+    assert [d.to_dict() for d in maps.detections] == summary["detections"]
+    expected = {"000000018575_decoder_attention.png": draw_decoder_attention(maps),
+                "000000018575_encoder_attention.png": draw_encoder_attention(maps)}
+    assert sorted(summary["written"]) == sorted(str(tmp_path / name) for name in expected)
+    for name, figure in expected.items():
+        with Image.open(tmp_path / name) as written:
+            assert np.array_equal(np.asarray(written.convert("RGB")), np.asarray(figure))

@@ -214,7 +214,7 @@ def test_bad_arguments_are_refused(tmp_path, monkeypatch):
     with monkeypatch.context() as m:  # as without the `export` extra
         find_spec = importlib.util.find_spec
         m.setattr(importlib.util, "find_spec", lambda name: None if name == "onnxruntime" else find_spec(name))
-        with pytest.raises(ExportError, match=r"needs onnxruntime: pip install 'detr\[export\]'"):
+        with pytest.raises(ExportError, match=r"needs onnxruntime: pip install 'detr-pytorch\[export\]'"):
             export_onnx(model, tmp_path / "a.onnx")
     with pytest.raises(ExportError, match="opset 13"):
         export_onnx(model, tmp_path / "a.onnx", opset=13)

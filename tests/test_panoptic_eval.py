@@ -25,12 +25,14 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from torch import nn
 from torch.utils.data import DataLoader
 from torchmetrics.detection import PanopticQuality
 
 from conftest import COCO_MINI
+from detr.checkpoint import load_checkpoint
 from detr.cli import build_parser
 from detr.cli.data import add_parsers as add_data_parsers
 from detr.cli.train import cmd_eval
@@ -38,6 +40,8 @@ from detr.coco_panoptic import read_segment_ids, segment_ids_to_png
 from detr.data import collate_detection, make_coco_transforms
 from detr.data.panoptic import CocoPanoptic, panoptic_from_instances
 from detr.engine.panoptic_eval import PQAccumulator, evaluate_panoptic, pq_compute
+from detr.model.fuse import optimize_for_inference
+from detr.postprocess import postprocess_detections, postprocess_masks
 from test_panoptic_data import VAL_IMAGES, subset_instances
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # pycocotools
@@ -407,6 +411,43 @@ def test_evaluate_panoptic_with_an_oracle(data, tmp_path):
         assert (ids == 0).any()  # the dropped category-0 query left unlabeled pixels
 
 
+def _eval_args(checkpoint: Path, gt_json: Path, gt_folder: Path, instances: Path, out: Path) -> argparse.Namespace:
+    return build_parser().parse_args([  # the `detr eval` flags
+        "eval", "--checkpoint", str(checkpoint), "--panoptic", "--panoptic_json", str(gt_json), "--panoptic_folder",
+        str(gt_folder), "--val_images", str(VAL_IMAGES), "--val_json", str(instances), "--val_scale", "96",
+        "--max_size", "160", "--panoptic_threshold", "0", "--num_workers", "0", "--no_progress", "--output_dir",
+        str(out),
+    ])
+
+
+def _own_instances(checkpoint: Path, dataset: CocoPanoptic, path: Path) -> Path:
+    """An instances json of every detection (box, label, binary mask) the checkpoint's model makes on
+    ``dataset`` in batches of 2, for the queries whose label is a category and whose mask is not empty."""
+    model = load_checkpoint(checkpoint).eval()
+    annotations = []
+    with torch.inference_mode():
+        for images, targets in DataLoader(dataset, batch_size=2, collate_fn=collate_detection):
+            outputs = model(images)
+            orig_sizes = torch.stack([t["orig_size"] for t in targets])
+            results = postprocess_detections(outputs, orig_sizes)
+            postprocess_masks(results, outputs["pred_masks"], torch.stack([t["size"] for t in targets]), orig_sizes)
+            for target, found in zip(targets, results, strict=True):
+                for box, label, mask in zip(found["boxes"].tolist(), found["labels"].tolist(), found["masks"],
+                                            strict=True):
+                    if label not in dataset.categories or not mask.any():
+                        continue
+                    rle = mask_utils.encode(np.asfortranarray(mask[0].numpy()))
+                    x0, y0, x1, y1 = box
+                    annotations.append({"id": len(annotations) + 1, "image_id": int(target["image_id"]),
+                                        "category_id": label, "bbox": [x0, y0, x1 - x0, y1 - y0],
+                                        "segmentation": {**rle, "counts": rle["counts"].decode()},
+                                        "area": float(mask_utils.area(rle)), "iscrowd": 0})
+    images = [dataset.images[i] for i in dataset.ids]
+    path.write_text(json.dumps({"images": images, "annotations": annotations,
+                                "categories": list(dataset.categories.values())}))
+    return path
+
+
 def test_eval_command_with_a_reference_panoptic_checkpoint(reference, data, tmp_path, capsys):
     entry = reference["panoptic"]
     checkpoint = tmp_path / "detr-panoptic.pth"
@@ -415,24 +456,43 @@ def test_eval_command_with_a_reference_panoptic_checkpoint(reference, data, tmp_
     gt = data["converted"]
     subset = {**gt, "annotations": gt["annotations"][:3]}  # three images keep it fast
     (tmp_path / "gt.json").write_text(json.dumps(subset))
-
-    args = build_parser().parse_args([
-        "eval", "--checkpoint", str(checkpoint), "--panoptic", "--panoptic_json", str(tmp_path / "gt.json"),
-        "--panoptic_folder", str(data["png"]), "--val_images", str(VAL_IMAGES), "--val_json", str(data["instances"]),
-        "--val_scale", "96", "--max_size", "160", "--panoptic_threshold", "0", "--num_workers", "0",
-        "--no_progress", "--output_dir", str(tmp_path / "eval"),
-    ])
+    args = _eval_args(checkpoint, tmp_path / "gt.json", data["png"], data["instances"], tmp_path / "eval")
     assert cmd_eval(args) == 0
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
-    assert printed == metrics and metrics["num_images"] == 3
-    assert set(metrics) >= {"bbox", "segm", "panoptic", "dropped_segments"}
-    assert 0.0 <= metrics["segm"]["AP"] <= 1.0 and metrics["panoptic"]["num_images"] == 3
+    assert printed == metrics and metrics["num_images"] == 3 and metrics["panoptic"]["num_images"] == 3
     written = json.loads((tmp_path / "eval" / "panoptic_pred.json").read_text())["annotations"]
     assert sum(len(a["segments_info"]) for a in written) + metrics["dropped_segments"] > 0
     rescored = pq_compute(tmp_path / "gt.json", data["png"], tmp_path / "eval" / "panoptic_pred.json",
                           tmp_path / "eval" / "panoptic_pred")
     assert rescored == json.loads(json.dumps(metrics["panoptic"]), object_hook=_int_keys)
+    # Every number equals evaluate_panoptic in Python on the model the command runs (norms folded) and the
+    # data its flags name.
+    transforms = make_coco_transforms("val", scales=[96], max_size=160)
+    dataset = CocoPanoptic(VAL_IMAGES, tmp_path / "gt.json", data["png"], transforms=transforms, return_masks=False)
+    with contextlib.redirect_stdout(io.StringIO()):
+        expected = evaluate_panoptic(
+            optimize_for_inference(load_checkpoint(checkpoint)), DataLoader(dataset, batch_size=2,
+                                                                            collate_fn=collate_detection),
+            gt_json=tmp_path / "gt.json", gt_folder=data["png"], output_dir=tmp_path / "python",
+            coco_gt=COCO(str(data["instances"])), threshold=0.0, progress=False)
+    for key in ("bbox", "segm", "dropped_segments", "num_images"):
+        assert metrics[key] == expected[key], key
+    assert metrics["panoptic"] == json.loads(json.dumps(expected["panoptic"]))
+
+    # Against its own predictions (the panoptic files it wrote; the instances of the model as loaded,
+    # without folding, computed here): PQ, box AP and mask AP of 1.
+    own_json = tmp_path / "own.json"
+    own_json.write_text(json.dumps({**subset, "annotations": written}))
+    instances = _own_instances(checkpoint, dataset, tmp_path / "own_instances.json")
+    assert cmd_eval(_eval_args(checkpoint, own_json, tmp_path / "eval" / "panoptic_pred", instances,
+                                        tmp_path / "own")) == 0
+    own = json.loads((tmp_path / "own" / "metrics.json").read_text())
+    assert [own["panoptic"]["All"][m] for m in ("pq", "sq", "rq")] == [1.0, 1.0, 1.0]
+    assert own["panoptic"]["All"]["n"] == len({s["category_id"] for a in written for s in a["segments_info"]}) > 0
+    for iou_type in ("bbox", "segm"):
+        assert {k: own[iou_type][k] for k in ("AP", "AP50", "AP75", "AR100")} == dict.fromkeys(
+            ("AP", "AP50", "AP75", "AR100"), 1.0), (iou_type, own[iou_type])
 
     args.checkpoint = str(COCO_MINI / "missing.pth")
     with pytest.raises(FileNotFoundError):

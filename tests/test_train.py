@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import free_port
 from detr.checkpoint import read_checkpoint
 from detr.config import preset
 from detr.data.shapes import generate_shapes
@@ -53,16 +54,24 @@ def test_sigkill_mid_epoch_then_resume_continues_exactly(shapes, tmp_path):
     reference_run = run_cli([*common, "--output_dir", str(tmp_path / "straight")])
     killed_dir = tmp_path / "killed"
     victim = run_cli([*common, "--output_dir", str(killed_dir)])
-    deadline = time.time() + 240
-    # Kill once epoch 1 is under way: the epoch-0 checkpoint exists and steps of epoch 1 are logged.
-    while time.time() < deadline:
-        steps = [r for r in log_records(killed_dir / "log.jsonl") if r["type"] == "step" and r["epoch"] == 1]
-        if len(steps) >= 2:
-            break
-        assert victim.poll() is None, victim.communicate()[0]
-        time.sleep(0.05)
-    victim.send_signal(signal.SIGKILL)
-    victim.wait()
+    try:
+        # Kill once epoch 1 is under way: the epoch-0 checkpoint exists and steps of epoch 1 are logged.
+        deadline = time.monotonic() + 240
+        while True:
+            steps = [r for r in log_records(killed_dir / "log.jsonl") if r["type"] == "step" and r["epoch"] == 1]
+            if len(steps) >= 2:
+                break
+            assert victim.poll() is None, victim.communicate()[0]
+            if time.monotonic() > deadline:  # never got to kill it mid-epoch: nothing below would test resuming
+                pytest.fail("the run logged no two steps of epoch 1 within 240 s; no kill mid-epoch happened")
+            time.sleep(0.05)
+        victim.send_signal(signal.SIGKILL)
+        victim.wait()
+    except BaseException:
+        for process in (victim, reference_run):
+            process.kill()
+            process.wait()
+        raise
     ckpt = read_checkpoint(killed_dir / "checkpoint.pth")  # intact, readable
     assert ckpt.extra["epoch"] in (0, 1)
     assert not list(killed_dir.glob(".*.tmp"))  # at most a temp file that never replaced anything
@@ -89,7 +98,7 @@ def test_two_process_ddp_matches_one_process(shapes, tmp_path, masks):
     common += ["--masks", "--hidden_dim", "128"] if masks else []  # the mask head's narrowest GroupNorm needs 128
     env = dict(os.environ, OMP_NUM_THREADS="1")
     ddp = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
          "-m", "detr.cli", "train", *common, "--batch_size", "1", "--output_dir", str(tmp_path / "ddp")],
         env=env, capture_output=True, text=True, timeout=300,
     )

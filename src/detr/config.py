@@ -241,8 +241,10 @@ class DetrConfig:
     @property
     def is_vanilla(self) -> bool:
         """True for the reference's architecture (what its checkpoints and parity tests cover)."""
-        t = self.transformer
-        return (self.queries == QueryConfig() and self.backbone.name != "small" and t.dim_feedforward > 0
+        t, b = self.transformer, self.backbone
+        # The reference's ResNet: FrozenBatchNorm, stem + layer1 frozen (or every stage, with lr_backbone 0).
+        reference_backbone = b.name != "small" and b.norm == "frozen_bn" and (b.frozen_stages == 1 or not b.trainable)
+        return (self.queries == QueryConfig() and reference_backbone and t.dim_feedforward > 0
                 and t.spatial_pos == "attention" and t.query_pos == "attention")
 
 
@@ -316,7 +318,8 @@ def to_reference_args(config: DetrConfig) -> dict[str, Any]:
     """
     if not config.is_vanilla:
         raise ValueError("the reference implementation has no flags for this configuration (convergence options, "
-                         "the small backbone or a transformer ablation); keep it in our .safetensors format")
+                         "the small or a GroupNorm backbone, other frozen stages, or a transformer ablation); "
+                         "keep it in our .safetensors format")
     t, b = config.transformer, config.backbone
     return {
         "backbone": b.name,

@@ -93,7 +93,7 @@ def _require(modules: Sequence[str]) -> None:
     """Fail before any work when the optional packages are missing (they are the ``export`` extra)."""
     missing = [name for name in modules if importlib.util.find_spec(name) is None]
     if missing:
-        raise ExportError(f"ONNX export needs {' and '.join(missing)}: pip install 'detr[export]'")
+        raise ExportError(f"ONNX export needs {' and '.join(missing)}: pip install 'detr-pytorch[export]'")
 
 
 def _check_arguments(model: nn.Module, opset: int, image_size: Sequence[int]) -> tuple[int, int]:

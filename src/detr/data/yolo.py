@@ -49,7 +49,8 @@ def read_yaml(path: Path) -> dict[str, Any]:
     try:
         import yaml  # PyYAML: only YOLO datasets need it
     except ImportError:
-        raise ImportError(f"reading {path} needs PyYAML: pip install pyyaml (or pip install 'detr[yolo]')") from None
+        raise ImportError(f"reading {path} needs PyYAML: pip install pyyaml "
+                          "(or pip install 'detr-pytorch[yolo]')") from None
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:

@@ -23,8 +23,8 @@ class JsonLog:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError as e:  # torch's writer needs the tensorboard package
                 self.close()
-                raise ImportError(f"--tensorboard needs the tensorboard package: pip install 'detr[tensorboard]' "
-                                  f"(or pip install tensorboard); {e}") from None
+                raise ImportError("--tensorboard needs the tensorboard package: pip install "
+                                  f"'detr-pytorch[tensorboard]' (or pip install tensorboard); {e}") from None
             self._writer = SummaryWriter(log_dir=str(tensorboard))
 
     def write(self, record: dict[str, Any]) -> None:

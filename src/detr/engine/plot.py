@@ -28,7 +28,7 @@ def plot_log(path: str | Path, out: str | Path | None = None) -> Path:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError as e:
-        raise RuntimeError("detr plot needs matplotlib: pip install 'detr[viz]'") from e
+        raise RuntimeError("detr plot needs matplotlib: pip install 'detr-pytorch[viz]'") from e
     steps, epochs = read_log(path)
     if not steps and not epochs:
         raise ValueError(f"{path}: no records to plot")
