@@ -8,7 +8,7 @@ import torch
 
 from detr.config import preset
 from detr.engine.optim import build_optimizer, build_scheduler, parameter_groups
-from detr.model.detr import build_detr
+from detr.model import build_detr
 from detr.model.segmentation import DETRsegm
 
 

@@ -32,6 +32,16 @@ SMALL = ["--preset", "shapes-small", "--num_queries", "6", "--train_scales", "96
 PERFECT = ("AP", "AP50", "AP75", "AR100")  # 1 when every prediction is a ground-truth object and vice versa
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The runs below are compared bit for bit: with several threads, CPU reductions (convolution and norm
+    backward passes) may add in another order from run to run."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def panoptic_root(tmp_path_factory) -> tuple[Path, Path]:
     """Three coco-mini val images as a panoptic layout whose train and val splits are those images."""

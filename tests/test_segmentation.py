@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from detr.config import preset
-from detr.model.detr import build_detr
+from detr.model import build_detr
 from detr.model.segmentation import DETRsegm, QueryMasks
 
 # (image, query) pairs in no particular order, one asked twice

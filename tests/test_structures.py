@@ -7,7 +7,7 @@ import torch
 
 from detr import ImageBatch
 from detr.data import collate_detection
-from detr.data.batch import as_image_batch
+from detr.structures import as_image_batch
 
 
 def images() -> list[torch.Tensor]:
