@@ -72,13 +72,13 @@ class BackboneConfig:
 
 @dataclass(frozen=True)
 class TransformerConfig:
-    hidden_dim: int = 256
-    nheads: int = 8
-    enc_layers: int = 6
-    dec_layers: int = 6
-    dim_feedforward: int = 2048
-    dropout: float = 0.1
-    pre_norm: bool = False
+    hidden_dim: int = 256  # d_model: token, query and position width
+    nheads: int = 8  # attention heads (hidden_dim must divide by it)
+    enc_layers: int = 6  # encoder layers over the feature map's tokens (0: none)
+    dec_layers: int = 6  # decoder layers; each one's output is supervised with aux_loss
+    dim_feedforward: int = 2048  # hidden width of every layer's feed-forward network
+    dropout: float = 0.1  # in attention and feed-forward; 0 for small from-scratch models
+    pre_norm: bool = False  # LayerNorm before each sub-layer (the paper's models: after)
     # The paper's ablations (Sec. 4.2). dim_feedforward = 0 removes the feed-forward networks (Table 4).
     spatial_pos: str = "attention"  # image positions: "attention" (every attention), "input" (once), "none"
     query_pos: str = "attention"  # learned query positions: "attention" (every decoder layer) or "input" (once)
@@ -147,6 +147,7 @@ class MatcherConfig:
 
 @dataclass(frozen=True)
 class LossConfig:
+    # Weights of the terms in the total: class cross-entropy, box L1, 1 - GIoU, mask focal and dice.
     ce: float = 1.0
     bbox: float = 5.0
     giou: float = 2.0
@@ -265,49 +266,38 @@ def reference_num_classes(dataset_file: str) -> int:
     return 20
 
 
+# the reference's argument -> (section of DetrConfig, field); "" is DetrConfig itself
+_REFERENCE_ARGS: dict[str, tuple[str, str]] = {
+    "num_queries": ("", "num_queries"), "position_embedding": ("", "position_embedding"), "masks": ("", "masks"),
+    "backbone": ("backbone", "name"), "dilation": ("backbone", "dilation"),
+    **{name: ("transformer", name) for name in ("hidden_dim", "nheads", "enc_layers", "dec_layers",
+                                                "dim_feedforward", "dropout", "pre_norm")},
+    "set_cost_class": ("matcher", "cost_class"), "set_cost_bbox": ("matcher", "cost_bbox"),
+    "set_cost_giou": ("matcher", "cost_giou"),
+    "bbox_loss_coef": ("loss", "bbox"), "giou_loss_coef": ("loss", "giou"), "mask_loss_coef": ("loss", "mask"),
+    "dice_loss_coef": ("loss", "dice"), "eos_coef": ("loss", "eos_coef"), "aux_loss": ("loss", "aux_loss"),
+}
+
+
 def from_reference_args(args: Any, num_classes: int | None = None) -> DetrConfig:
-    """Build a config from the reference's ``args`` (argparse.Namespace or dict).
+    """Build a config from the reference's ``args`` (argparse.Namespace or dict); arguments it lacks keep
+    our defaults, which are the reference's.
 
     ``num_classes`` should come from the checkpoint's class head; the dataset-name rule of the
     reference is only a fallback.
     """
     if num_classes is None:
         num_classes = reference_num_classes(_get(args, "dataset_file", "coco"))
+    base = DetrConfig(num_classes=num_classes)
+    sections: dict[str, dict[str, Any]] = {"": {}, "backbone": {}, "transformer": {}, "matcher": {}, "loss": {}}
+    for arg, (section, name) in _REFERENCE_ARGS.items():
+        default = getattr(getattr(base, section) if section else base, name)
+        value = _get(args, arg, default)
+        sections[section][name] = type(default)(value)  # the reference stores some numbers as str or int
     lr_backbone = _get(args, "lr_backbone", 1e-5)
-    return DetrConfig(
-        num_classes=num_classes,
-        num_queries=int(_get(args, "num_queries", 100)),
-        position_embedding=_get(args, "position_embedding", "sine"),
-        masks=bool(_get(args, "masks", False)),
-        backbone=BackboneConfig(
-            name=_get(args, "backbone", "resnet50"),
-            dilation=bool(_get(args, "dilation", False)),
-            trainable=lr_backbone is None or float(lr_backbone) > 0,
-        ),
-        transformer=TransformerConfig(
-            hidden_dim=int(_get(args, "hidden_dim", 256)),
-            nheads=int(_get(args, "nheads", 8)),
-            enc_layers=int(_get(args, "enc_layers", 6)),
-            dec_layers=int(_get(args, "dec_layers", 6)),
-            dim_feedforward=int(_get(args, "dim_feedforward", 2048)),
-            dropout=float(_get(args, "dropout", 0.1)),
-            pre_norm=bool(_get(args, "pre_norm", False)),
-        ),
-        matcher=MatcherConfig(
-            cost_class=float(_get(args, "set_cost_class", 1.0)),
-            cost_bbox=float(_get(args, "set_cost_bbox", 5.0)),
-            cost_giou=float(_get(args, "set_cost_giou", 2.0)),
-        ),
-        loss=LossConfig(
-            ce=1.0,
-            bbox=float(_get(args, "bbox_loss_coef", 5.0)),
-            giou=float(_get(args, "giou_loss_coef", 2.0)),
-            mask=float(_get(args, "mask_loss_coef", 1.0)),
-            dice=float(_get(args, "dice_loss_coef", 1.0)),
-            eos_coef=float(_get(args, "eos_coef", 0.1)),
-            aux_loss=bool(_get(args, "aux_loss", True)),
-        ),
-    )
+    sections["backbone"]["trainable"] = lr_backbone is None or float(lr_backbone) > 0
+    parts = {name: dataclasses.replace(getattr(base, name), **fields) for name, fields in sections.items() if name}
+    return dataclasses.replace(base, **sections[""], **parts)
 
 
 def to_reference_args(config: DetrConfig) -> dict[str, Any]:
@@ -320,33 +310,10 @@ def to_reference_args(config: DetrConfig) -> dict[str, Any]:
         raise ValueError("the reference implementation has no flags for this configuration (convergence options, "
                          "the small or a GroupNorm backbone, other frozen stages, or a transformer ablation); "
                          "keep it in our .safetensors format")
-    t, b = config.transformer, config.backbone
-    return {
-        "backbone": b.name,
-        "dilation": b.dilation,
-        "lr_backbone": 1e-5 if b.trainable else 0.0,
-        "position_embedding": config.position_embedding,
-        "hidden_dim": t.hidden_dim,
-        "nheads": t.nheads,
-        "enc_layers": t.enc_layers,
-        "dec_layers": t.dec_layers,
-        "dim_feedforward": t.dim_feedforward,
-        "dropout": t.dropout,
-        "pre_norm": t.pre_norm,
-        "num_queries": config.num_queries,
-        "masks": config.masks,
-        "aux_loss": config.loss.aux_loss,
-        "set_cost_class": config.matcher.cost_class,
-        "set_cost_bbox": config.matcher.cost_bbox,
-        "set_cost_giou": config.matcher.cost_giou,
-        "bbox_loss_coef": config.loss.bbox,
-        "giou_loss_coef": config.loss.giou,
-        "mask_loss_coef": config.loss.mask,
-        "dice_loss_coef": config.loss.dice,
-        "eos_coef": config.loss.eos_coef,
-        "num_classes": config.num_classes,
-        "dataset_file": "coco_panoptic" if config.masks else "coco",
-    }
+    args = {arg: getattr(getattr(config, section) if section else config, name)
+            for arg, (section, name) in _REFERENCE_ARGS.items()}
+    return {**args, "lr_backbone": 1e-5 if config.backbone.trainable else 0.0, "num_classes": config.num_classes,
+            "dataset_file": "coco_panoptic" if config.masks else "coco"}
 
 
 # --- presets -------------------------------------------------------------------------------
@@ -354,28 +321,24 @@ def to_reference_args(config: DetrConfig) -> dict[str, Any]:
 def preset(name: str, **overrides: Any) -> DetrConfig:
     """Named configurations: r50, r50-dc5, r101, r101-dc5, panoptic (R50); shapes-small (a GroupNorm
     ResNet-18 DETR for CPU experiments) and shapes-fast (the demo's: DETR with the convergence options)."""
+    shapes_small = DetrConfig(
+        num_classes=4,
+        num_queries=10,
+        # trained from scratch: no ImageNet statistics to freeze, so a trained GroupNorm and every stage trains
+        backbone=BackboneConfig(name="resnet18", norm="group_norm", frozen_stages=0),
+        transformer=TransformerConfig(hidden_dim=128, nheads=8, enc_layers=2, dec_layers=2, dim_feedforward=256,
+                                      dropout=0.0),
+    )
     presets: dict[str, DetrConfig] = {
         "r50": DetrConfig(),
         "r50-dc5": DetrConfig(backbone=BackboneConfig(dilation=True)),
         "r101": DetrConfig(backbone=BackboneConfig(name="resnet101")),
         "r101-dc5": DetrConfig(backbone=BackboneConfig(name="resnet101", dilation=True)),
         "panoptic": DetrConfig(num_classes=250, masks=True),
-        "shapes-small": DetrConfig(
-            num_classes=4,
-            num_queries=10,
-            # trained from scratch: no ImageNet statistics to freeze, so a trained GroupNorm and every stage trains
-            backbone=BackboneConfig(name="resnet18", norm="group_norm", frozen_stages=0),
-            transformer=TransformerConfig(
-                hidden_dim=128, nheads=8, enc_layers=2, dec_layers=2, dim_feedforward=256, dropout=0.0
-            ),
-        ),
-        "shapes-fast": DetrConfig(
-            num_classes=4,
-            num_queries=20,
-            backbone=BackboneConfig(name="small", norm="group_norm", frozen_stages=0),
-            transformer=TransformerConfig(
-                hidden_dim=128, nheads=8, enc_layers=2, dec_layers=3, dim_feedforward=256, dropout=0.0
-            ),
+        "shapes-small": shapes_small,
+        # the demo's: the small stride-8 CNN, a third decoder layer, 20 anchor queries from two-stage selection
+        "shapes-fast": shapes_small.with_transformer(dec_layers=3).replace(
+            num_queries=20, backbone=BackboneConfig(name="small", norm="group_norm", frozen_stages=0),
             queries=QueryConfig(anchors=True, two_stage=True, anchor_size=0.3),
         ),
     }

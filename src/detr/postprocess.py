@@ -27,6 +27,7 @@ from torch import Tensor
 
 from detr.boxes import box_iou, cxcywh_to_xyxy
 from detr.coco_panoptic import rgb_to_segment_ids, segment_ids_to_rgb
+from detr.structures import nearest_source_index
 
 Sizes = Tensor | Sequence[Sequence[int]]
 IsThing = Callable[[int], bool] | Mapping[int, bool]
@@ -106,18 +107,6 @@ def postprocess_detections(
 # ----------------------------------------------------------------------------------------------
 
 
-@lru_cache(maxsize=256)
-def _torch_nearest_index(in_size: int, out_size: int) -> Tensor:
-    """Source index of each output position for F.interpolate(mode="nearest") along one axis.
-
-    Derived by resampling an index ramp with F.interpolate itself (on CPU, float32 exact for these
-    sizes), so the table follows torch's own rounding; applying it as a gather then works on any
-    device and on uint8 masks without a float copy at the original size.
-    """
-    ramp = torch.arange(in_size, dtype=torch.float32).view(1, 1, 1, in_size)
-    return F.interpolate(ramp, size=(1, out_size), mode="nearest").view(out_size).long()
-
-
 def postprocess_masks(
     results: list[dict[str, Tensor]],
     pred_masks: Tensor,
@@ -154,8 +143,8 @@ def postprocess_masks(
     for result, mask, (h, w), (out_h, out_w) in zip(results, binary, in_sizes, out_sizes, strict=True):
         if "query_indices" in result:
             mask = mask[result["query_indices"]]
-        rows = _torch_nearest_index(h, out_h).to(mask.device)
-        cols = _torch_nearest_index(w, out_w).to(mask.device)
+        rows = nearest_source_index(h, out_h, mask.device)
+        cols = nearest_source_index(w, out_w, mask.device)
         # Crop to the unpadded image, then nearest-resize by gathering rows and columns.
         resized = mask[:, :h, :w].index_select(1, rows).index_select(2, cols)  # [N, H, W]
         result["masks"] = resized.to(torch.uint8).unsqueeze(1).cpu()  # [N, 1, H, W]

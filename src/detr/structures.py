@@ -1,7 +1,8 @@
 """The model's input container, below both the model and the data pipeline.
 
 ``ImageBatch``: images padded to a common size with a ``padding_mask`` (True = padding), which the
-backbone carries down to every feature level so that padding never counts as image.
+backbone carries down to every feature level (``downsample_mask``) so that padding never counts as image.
+``nearest_source_index`` is PyTorch's nearest-neighbour rule, shared with the mask post-processing.
 """
 
 from __future__ import annotations
@@ -76,3 +77,25 @@ def as_image_batch(images: ImageBatch | Tensor | Sequence[Tensor]) -> ImageBatch
         mask = torch.zeros(images.shape[0], *images.shape[2:], dtype=torch.bool, device=images.device)
         return ImageBatch(images, mask)
     return ImageBatch.from_images(list(images))
+
+
+def nearest_source_index(in_size: int, out_size: int, device: torch.device) -> Tensor:
+    """Source index of each output position of F.interpolate(mode="nearest") along one axis: [out_size].
+
+    PyTorch computes floor(i * float32(in / out)). ONNX's Resize divides by float32(out / in)
+    instead, which rounds the other way at exact integers (e.g. 150 -> 5), so the ONNX export would
+    pick other mask pixels; spelling out PyTorch's arithmetic keeps both identical.
+    """
+    # A tensor, not a Python float: the traced graph keeps the sizes dynamic.
+    scale = torch.full((), in_size, dtype=torch.float32, device=device) / out_size
+    index = torch.arange(out_size, dtype=torch.float32, device=device) * scale
+    return index.floor().long().clamp(max=in_size - 1)
+
+
+def downsample_mask(padding_mask: Tensor, size: torch.Size | tuple[int, int]) -> Tensor:
+    """Nearest-neighbour resize of a [B, H, W] padding mask to a feature map's (h, w): exactly
+    F.interpolate(mode="nearest"), written as an index selection so that ONNX exports agree too."""
+    h, w = padding_mask.shape[-2:]
+    rows = nearest_source_index(h, size[0], padding_mask.device)
+    cols = nearest_source_index(w, size[1], padding_mask.device)
+    return padding_mask.index_select(1, rows).index_select(2, cols)  # [B, h, w]

@@ -58,10 +58,9 @@ def add_parsers(subparsers: Any) -> None:
         description="Prints one json line: All/Things/Stuff {pq, sq, rq, n} and per_class {pq, sq, rq, tp, fp, fn} "
         "(fractions, COCO panoptic definition).",
     )
-    p.add_argument("--gt-json", required=True, help="ground-truth panoptic json")
-    p.add_argument("--gt-folder", required=True, help="ground-truth PNG folder")
-    p.add_argument("--pred-json", required=True, help="predicted panoptic json (annotations with segments_info)")
-    p.add_argument("--pred-folder", required=True, help="predicted PNG folder")
+    for side, what in (("gt", "ground-truth"), ("pred", "predicted")):
+        p.add_argument(f"--{side}-json", required=True, help=f"{what} panoptic json (annotations with segments_info)")
+        p.add_argument(f"--{side}-folder", required=True, help=f"{what} PNG folder")
     p.add_argument("--output", default=None, help="also write the result to this json file")
     p.set_defaults(func=cmd_eval_panoptic_files)
 

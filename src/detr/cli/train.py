@@ -52,7 +52,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         result = evaluate_checkpoint(args.checkpoint, data, device=args.device, precision=precision,
                                      compile=getattr(args, "compile", False), progress=args.progress,
                                      output_dir=args.output_dir)
-    from ..engine.distributed import is_main_process
+    from ..distributed import is_main_process
 
     if is_main_process():
         print(json.dumps(result))

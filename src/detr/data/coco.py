@@ -140,52 +140,26 @@ def load_coco(path: str | os.PathLike[str]) -> COCO:
     return coco_api(read_json(path), path)
 
 
-class CocoDetection(Dataset):
-    """Any COCO-format annotation json plus its image folder.
+class AnnotatedImages(Dataset):
+    """What every annotated-image dataset here shares: the image folder, the transforms, bad-image
+    skipping and the per-sample augmentation rng (see ``CocoDetection``). Subclasses set ``ids``
+    (sample index -> image id) and ``category_names``."""
 
-    transforms: called as ``transforms(image, target, rng)`` (see ``detr.data.transforms``).
-    return_masks: decode instance masks into ``target["masks"]``.
-    skip_bad_images: a missing/corrupt image yields None (dropped by ``collate_detection``) and
-        increments ``self.skipped`` (per process: each DataLoader worker counts its own), instead of
-        raising ImageLoadError.
-    seed: with a seed, the augmentation of sample ``index`` is a function of (seed, epoch, index) only,
-        whichever worker loads it. Call ``set_epoch`` each epoch before iterating (workers started with
-        ``persistent_workers`` keep the epoch they started with). Without a seed, each sample draws its
-        rng seed from torch's default generator, which DataLoader seeds per worker from its base seed.
-    """
+    ids: list[int]
+    category_names: dict[int, str]
 
-    def __init__(
-        self,
-        image_dir: str | os.PathLike[str],
-        annotation_file: str | os.PathLike[str],
-        *,
-        transforms: Transform | None = None,
-        return_masks: bool = False,
-        skip_bad_images: bool = False,
-        seed: int | None = None,
-        coco: COCO | None = None,
-    ) -> None:
+    def __init__(self, image_dir: str | os.PathLike[str], annotation_file: str | os.PathLike[str], *,
+                 transforms: Transform | None, return_masks: bool, skip_bad_images: bool, seed: int | None) -> None:
         self.image_dir = Path(image_dir)
-        self.annotation_file = Path(annotation_file)  # with ``coco``: where those annotations came from
+        self.annotation_file = Path(annotation_file)
         if not self.image_dir.is_dir():
             raise FileNotFoundError(f"image folder not found: {self.image_dir}")
-        self.coco = coco if coco is not None else load_coco(self.annotation_file)
-        self.ids = sorted(self.coco.imgs.keys())
         self.transforms = transforms
         self.return_masks = return_masks
         self.skip_bad_images = skip_bad_images
         self.seed = seed
         self.epoch = 0
         self.skipped = 0
-
-        self.category_names: dict[int, str] = {
-            int(c["id"]): str(c.get("name", c["id"])) for c in self.coco.dataset.get("categories", [])
-        }
-        unknown = {int(a["category_id"]) for a in self.coco.anns.values()} - set(self.category_names)
-        if unknown:
-            raise ValueError(f"{self.annotation_file}: annotations use undeclared category ids {sorted(unknown)}")
-        if not self.category_names:
-            raise ValueError(f"{self.annotation_file}: no categories")
 
     @property
     def num_classes(self) -> int:
@@ -199,10 +173,60 @@ class CocoDetection(Dataset):
         self.epoch = epoch
 
     def sample_rng(self, index: int) -> random.Random:
-        """The augmentation rng of sample ``index`` (see the class docstring)."""
+        """The augmentation rng of sample ``index`` (see ``CocoDetection``)."""
         if self.seed is not None:
             return random.Random(f"{self.seed}:{self.epoch}:{index}")  # str seeds hash stably (sha512)
         return random.Random(int(torch.randint(0, 2**62, (1,)).item()))
+
+    def load_sample(self, index: int) -> tuple[Image.Image, Target]:
+        """The image and its target, before transforms; ImageLoadError when the image cannot be used."""
+        raise NotImplementedError
+
+    def __getitem__(self, index: int) -> tuple[Any, Target] | None:
+        try:
+            image, target = self.load_sample(index)
+        except ImageLoadError as err:
+            if not self.skip_bad_images:
+                raise
+            self.skipped += 1
+            logger.warning("skipping image %d: %s", self.ids[index], err)
+            return None
+        if self.transforms is not None:
+            image, target = self.transforms(image, target, self.sample_rng(index))
+        return image, target
+
+
+class CocoDetection(AnnotatedImages):
+    """Any COCO-format annotation json plus its image folder.
+
+    transforms: called as ``transforms(image, target, rng)`` (see ``detr.data.transforms``).
+    return_masks: decode instance masks into ``target["masks"]``.
+    skip_bad_images: a missing/corrupt image yields None (dropped by ``collate_detection``) and
+        increments ``self.skipped`` (per process: each DataLoader worker counts its own), instead of
+        raising ImageLoadError.
+    seed: with a seed, the augmentation of sample ``index`` is a function of (seed, epoch, index) only,
+        whichever worker loads it. Call ``set_epoch`` each epoch before iterating (workers started with
+        ``persistent_workers`` keep the epoch they started with). Without a seed, each sample draws its
+        rng seed from torch's default generator, which DataLoader seeds per worker from its base seed.
+    """
+
+    def __init__(self, image_dir: str | os.PathLike[str], annotation_file: str | os.PathLike[str], *,
+                 transforms: Transform | None = None, return_masks: bool = False, skip_bad_images: bool = False,
+                 seed: int | None = None, coco: COCO | None = None) -> None:
+        # with ``coco``: annotation_file says where those annotations came from
+        super().__init__(image_dir, annotation_file, transforms=transforms, return_masks=return_masks,
+                         skip_bad_images=skip_bad_images, seed=seed)
+        self.coco = coco if coco is not None else load_coco(self.annotation_file)
+        self.ids = sorted(self.coco.imgs.keys())
+
+        self.category_names: dict[int, str] = {
+            int(c["id"]): str(c.get("name", c["id"])) for c in self.coco.dataset.get("categories", [])
+        }
+        unknown = {int(a["category_id"]) for a in self.coco.anns.values()} - set(self.category_names)
+        if unknown:
+            raise ValueError(f"{self.annotation_file}: annotations use undeclared category ids {sorted(unknown)}")
+        if not self.category_names:
+            raise ValueError(f"{self.annotation_file}: no categories")
 
     def image_path(self, index: int) -> Path:
         return self.image_dir / self.coco.imgs[self.ids[index]]["file_name"]
@@ -219,23 +243,12 @@ class CocoDetection(Dataset):
             return to_rgb(image)
         return load_annotated_image(path, info.get("width"), info.get("height"))
 
-    def __getitem__(self, index: int) -> tuple[Any, Target] | None:
+    def load_sample(self, index: int) -> tuple[Image.Image, Target]:
         image_id = self.ids[index]
-        try:
-            image = self.load_image(index)
-        except ImageLoadError as err:
-            if not self.skip_bad_images:
-                raise
-            self.skipped += 1
-            logger.warning("skipping image %d: %s", image_id, err)
-            return None
+        image = self.load_image(index)
         width, height = image.size
-        target = coco_target(
-            image_id, self.coco.imgToAnns.get(image_id, []), width, height, return_masks=self.return_masks
-        )
-        if self.transforms is not None:
-            image, target = self.transforms(image, target, self.sample_rng(index))
-        return image, target
+        annotations = self.coco.imgToAnns.get(image_id, [])
+        return image, coco_target(image_id, annotations, width, height, return_masks=self.return_masks)
 
 
 def coco_paths(root: str | os.PathLike[str], split: str) -> tuple[Path, Path]:

@@ -35,11 +35,10 @@ import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
-from torch.utils.data import Dataset
 
 from detr.boxes import masks_to_boxes_xyxy
 from detr.coco_panoptic import coco_panoptic_paths, read_segment_ids, require_keys, segment_ids_to_png
-from detr.data.coco import CocoDetection, decode_segmentation, load_annotated_image
+from detr.data.coco import AnnotatedImages, decode_segmentation, load_annotated_image
 from detr.data.images import ImageLoadError
 from detr.data.transforms import Target, Transform
 from detr.files import read_json
@@ -84,7 +83,7 @@ def panoptic_target(
     return target
 
 
-class CocoPanoptic(Dataset):
+class CocoPanoptic(AnnotatedImages):
     """A COCO panoptic json, its PNG folder and the image folder.
 
     transforms, skip_bad_images, seed: as in ``CocoDetection`` (a missing or unreadable segment PNG
@@ -96,23 +95,14 @@ class CocoPanoptic(Dataset):
     size the json states, as must the PNG.
     """
 
-    def __init__(
-        self,
-        image_dir: str | os.PathLike[str],
-        ann_json: str | os.PathLike[str],
-        seg_folder: str | os.PathLike[str],
-        *,
-        transforms: Transform | None = None,
-        return_masks: bool = True,
-        skip_bad_images: bool = False,
-        seed: int | None = None,
-    ) -> None:
-        self.image_dir = Path(image_dir)
-        self.annotation_file = Path(ann_json)
+    def __init__(self, image_dir: str | os.PathLike[str], ann_json: str | os.PathLike[str],
+                 seg_folder: str | os.PathLike[str], *, transforms: Transform | None = None, return_masks: bool = True,
+                 skip_bad_images: bool = False, seed: int | None = None) -> None:
+        super().__init__(image_dir, ann_json, transforms=transforms, return_masks=return_masks,
+                         skip_bad_images=skip_bad_images, seed=seed)
         self.seg_folder = Path(seg_folder)
-        for folder, what in ((self.image_dir, "image folder"), (self.seg_folder, "panoptic PNG folder")):
-            if not folder.is_dir():
-                raise FileNotFoundError(f"{what} not found: {folder}")
+        if not self.seg_folder.is_dir():
+            raise FileNotFoundError(f"panoptic PNG folder not found: {self.seg_folder}")
         data = read_json(self.annotation_file, "panoptic annotation file")
         require_keys(data, ("images", "annotations", "categories"), self.annotation_file)
         self.dataset: dict[str, Any] = data
@@ -137,21 +127,6 @@ class CocoPanoptic(Dataset):
         self.category_names: dict[int, str] = {k: str(c.get("name", k)) for k, c in self.categories.items()}
         # Categories without the field count as things (instance-style jsons have no "isthing").
         self.is_thing: dict[int, bool] = {k: int(c.get("isthing", 1)) == 1 for k, c in self.categories.items()}
-        self.transforms = transforms
-        self.return_masks = return_masks
-        self.skip_bad_images = skip_bad_images
-        self.seed = seed
-        self.epoch = 0
-        self.skipped = 0
-
-    # Same class count, epoch and per-sample rng rules as CocoDetection (they only read the
-    # attributes set above), so detection and panoptic runs draw identical augmentations.
-    num_classes = CocoDetection.num_classes
-    set_epoch = CocoDetection.set_epoch
-    sample_rng = CocoDetection.sample_rng
-
-    def __len__(self) -> int:
-        return len(self.ids)
 
     @functools.cached_property
     def coco(self) -> Any:
@@ -195,28 +170,18 @@ class CocoPanoptic(Dataset):
         """The PNG's id map [H, W] (int32)."""
         return torch.from_numpy(read_segment_ids(self.segments_path(index)))
 
-    def __getitem__(self, index: int) -> tuple[Any, Target] | None:
+    def load_sample(self, index: int) -> tuple[Image.Image, Target]:
         image_id = self.ids[index]
-        try:
-            image = self.load_image(index)
-            segment_ids = self.load_segment_ids(index)
-            if tuple(segment_ids.shape) != (image.size[1], image.size[0]):
-                raise ImageLoadError(
-                    f"segment PNG {self.segments_path(index)} is {segment_ids.shape[1]}x{segment_ids.shape[0]} "
-                    f"(w x h) but image {self.image_path(index)} is {image.size[0]}x{image.size[1]}",
-                    self.segments_path(index),
-                )
-        except ImageLoadError as err:
-            if not self.skip_bad_images:
-                raise
-            self.skipped += 1
-            logger.warning("skipping image %d: %s", image_id, err)
-            return None
+        image = self.load_image(index)
+        segment_ids = self.load_segment_ids(index)
+        if tuple(segment_ids.shape) != (image.size[1], image.size[0]):
+            raise ImageLoadError(
+                f"segment PNG {self.segments_path(index)} is {segment_ids.shape[1]}x{segment_ids.shape[0]} "
+                f"(w x h) but image {self.image_path(index)} is {image.size[0]}x{image.size[1]}",
+                self.segments_path(index),
+            )
         segments = self.annotations[image_id]["segments_info"]
-        target = panoptic_target(image_id, segments, segment_ids, return_masks=self.return_masks)
-        if self.transforms is not None:
-            image, target = self.transforms(image, target, self.sample_rng(index))
-        return image, target
+        return image, panoptic_target(image_id, segments, segment_ids, return_masks=self.return_masks)
 
 
 def build_coco_panoptic(

@@ -15,7 +15,7 @@ from ..data.coco import CocoDetection, build_coco, coco_paths, load_coco
 from ..data.formats import category_count, detect_format, load_split
 from ..data.panoptic import CocoPanoptic
 from ..data.transforms import Transform, make_coco_transforms
-from .distributed import DistInfo
+from ..distributed import DistInfo
 from .options import DataOptions
 
 

@@ -12,11 +12,11 @@ from ..checkpoint import load_checkpoint
 from ..coco_panoptic import coco_panoptic_paths, panoptic_root
 from ..data.coco import load_coco
 from ..data.panoptic import CocoPanoptic
+from ..distributed import init_distributed
 from ..model.fuse import compile_for_inference, optimize_for_inference
 from ..model.segmentation import DETRsegm
 from ..runtime import amp_dtype
 from .data import build_dataset, build_loader, instances_json, transforms_for
-from .distributed import init_distributed
 from .evaluate import evaluate
 from .options import DataOptions
 from .panoptic_eval import evaluate_panoptic

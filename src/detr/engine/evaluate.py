@@ -20,7 +20,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
@@ -28,6 +27,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from detr.boxes import xyxy_to_xywh
+from detr.distributed import gather_objects, is_main_process, world_size
 from detr.postprocess import postprocess_detections, postprocess_masks
 
 __all__ = [
@@ -160,10 +160,6 @@ def _load_results(coco_gt: COCO, entries: list[dict[str, Any]]) -> COCO:
     return coco_dt
 
 
-def _distributed_world_size() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
 class CocoEvaluator:
     """Accumulates COCO result entries per image and scores them with COCOeval.
 
@@ -221,12 +217,10 @@ class CocoEvaluator:
 
     def synchronize(self) -> None:
         """Gather every process's results onto every process (no-op without torch.distributed)."""
-        if _distributed_world_size() == 1:
+        if world_size() == 1:
             return
-        gathered: list[Any] = [None] * dist.get_world_size()
-        dist.all_gather_object(gathered, list(self._per_image.items()))
         merged: dict[int, list[dict[str, Any]]] = {}
-        for part in gathered:  # rank order; the first result of an image wins
+        for part in gather_objects(list(self._per_image.items())):  # rank order; the first result of an image wins
             for image_id, entries in part:
                 merged.setdefault(image_id, entries)
         self._per_image = merged
@@ -285,7 +279,7 @@ def model_outputs(
 ) -> Iterator[tuple[dict[str, Tensor], list[dict[str, Any]]]]:
     """(outputs in float32, targets) per batch, the model in eval mode under inference_mode; the
     model's train/eval state is restored afterwards. Batches whose images were all dropped are skipped."""
-    is_main = _distributed_world_size() == 1 or dist.get_rank() == 0
+    is_main = is_main_process()
     was_training = model.training
     model.eval()
     try:
@@ -331,7 +325,7 @@ def evaluate(
         Under torch.distributed every process returns the numbers for all processes' images.
     """
     device = torch.device(device)
-    is_main = _distributed_world_size() == 1 or dist.get_rank() == 0
+    is_main = is_main_process()
     evaluator = None
     start = time.perf_counter()
     convert_seconds = 0.0  # post-processing + conversion to COCO results (the rest: data and model)

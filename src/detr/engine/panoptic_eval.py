@@ -37,7 +37,7 @@ import torch.distributed as dist
 from torch import nn
 
 from detr.coco_panoptic import read_panoptic_json, read_segment_ids, segment_ids_to_png
-from detr.engine.distributed import is_main_process, world_size
+from detr.distributed import gather_objects, is_main_process, world_size
 from detr.engine.evaluate import CocoEvaluator, model_outputs, target_image_id, target_sizes
 from detr.postprocess import postprocess_detections, postprocess_masks, postprocess_panoptic
 
@@ -69,6 +69,21 @@ class PQAccumulator:
         self.counts = {category: CategoryCounts() for category in self.categories}
         self.num_images = 0
 
+    def _checked_areas(self, pred: Mapping[int, Mapping[str, Any]], pred_ids: np.ndarray, image: str) -> dict[int, int]:
+        """Each predicted segment's pixel count, after checking that the json and the PNG agree."""
+        unknown = sorted({int(s["category_id"]) for s in pred.values()} - set(self.categories))
+        if unknown:
+            raise ValueError(f"{image}: predicted category ids {unknown} are not ground-truth categories")
+        ids, counts = np.unique(pred_ids, return_counts=True)
+        pred_area = dict(zip(ids.tolist(), counts.tolist(), strict=True))
+        unlisted = sorted(set(pred_area) - set(pred) - {VOID})
+        if unlisted:
+            raise ValueError(f"{image}: predicted segment ids {unlisted} are in the PNG but not in the json")
+        absent = sorted(set(pred) - set(pred_area))
+        if absent:
+            raise ValueError(f"{image}: predicted segment ids {absent} are in the json but not in the PNG")
+        return pred_area
+
     def add_image(
         self,
         gt_ids: np.ndarray,
@@ -86,18 +101,7 @@ class PQAccumulator:
             raise ValueError(f"{image}: prediction is {pred_ids.shape} (h, w), ground truth is {gt_ids.shape}")
         gt = {int(s["id"]): s for s in gt_segments}
         pred = {int(s["id"]): s for s in pred_segments}
-        unknown = sorted({int(s["category_id"]) for s in pred.values()} - set(self.categories))
-        if unknown:
-            raise ValueError(f"{image}: predicted category ids {unknown} are not ground-truth categories")
-
-        ids, counts = np.unique(pred_ids, return_counts=True)
-        pred_area = dict(zip(ids.tolist(), counts.tolist(), strict=True))
-        unlisted = sorted(set(pred_area) - set(pred) - {VOID})
-        if unlisted:
-            raise ValueError(f"{image}: predicted segment ids {unlisted} are in the PNG but not in the json")
-        absent = sorted(set(pred) - set(pred_area))
-        if absent:
-            raise ValueError(f"{image}: predicted segment ids {absent} are in the json but not in the PNG")
+        pred_area = self._checked_areas(pred, pred_ids, image)
 
         pair_keys, pair_counts = np.unique(
             gt_ids.astype(np.int64) * OFFSET + pred_ids.astype(np.int64), return_counts=True
@@ -291,8 +295,7 @@ class PanopticEvaluator:
         """Gather every process's json entries (the PNGs are already in the shared output folder)."""
         if world_size() == 1:
             return
-        gathered: list[Any] = [None] * dist.get_world_size()
-        dist.all_gather_object(gathered, (list(self._annotations.items()), self.dropped_segments))
+        gathered = gather_objects((list(self._annotations.items()), self.dropped_segments))
         merged: dict[int, dict[str, Any]] = {}
         for entries, _ in gathered:
             for image_id, entry in entries:

@@ -19,9 +19,9 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from .. import distributed as dist_utils
 from ..data.batch import DetectionBatch
 from ..loss import SetCriterion
-from . import distributed as dist_utils
 from .ema import ModelEMA
 from .log import JsonLog
 from .optim import build_optimizer

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from .. import distributed as dist_utils
 from ..checkpoint import CheckpointError, load_weights, read_checkpoint, save_checkpoint
 from ..config import DetrConfig
 from ..data.batch import DetectionBatch
@@ -29,7 +30,6 @@ from ..loss import SetCriterion
 from ..model import build_detr
 from ..model.segmentation import DETRsegm
 from ..runtime import amp_dtype
-from . import distributed as dist_utils
 from .checkpoints import (
     BEST_METRICS,
     best_so_far,

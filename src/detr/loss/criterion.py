@@ -17,7 +17,7 @@ reported but not optimized.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from detr.boxes import cxcywh_to_xyxy, generalized_box_iou
 from detr.config import DetrConfig, LossConfig
+from detr.distributed import all_reduce_mean, world_size
 from detr.loss.matcher import HungarianMatcher, MatchIndices
 
 if TYPE_CHECKING:
@@ -82,22 +83,11 @@ def dice_loss(mask_logits: Tensor, targets: Tensor, num_boxes: float) -> Tensor:
     return (1 - (overlap + 1) / (total + 1)).sum() / num_boxes
 
 
-def _distributed() -> bool:
-    return torch.distributed.is_available() and torch.distributed.is_initialized()
-
-
-def _mean_over_processes(value: Tensor) -> Tensor:
-    """Average of a (detached) tensor over processes; only called when distributed."""
-    value = value.detach().clone()
-    torch.distributed.all_reduce(value)
-    return value / torch.distributed.get_world_size()
-
-
 def count_boxes(targets: Sequence[Mapping[str, Tensor]], device: torch.device) -> float:
     """Target boxes in the batch, averaged over processes when distributed, at least 1."""
     local = float(sum(len(t["labels"]) for t in targets))
-    if _distributed():
-        local = _mean_over_processes(torch.tensor([local], dtype=torch.float32, device=device)).item()
+    if world_size() > 1:
+        local = all_reduce_mean(torch.tensor([local], dtype=torch.float32, device=device)).item()
     return max(local, 1.0)
 
 
@@ -152,11 +142,11 @@ class SetCriterion(nn.Module):
         ).to(logits.device)  # [M]
         target_classes[match.batch, match.query] = matched_labels
         weight = self.empty_weight.float()
-        if _distributed():
+        if world_size() > 1:
             # The weighted mean's denominator is averaged over processes (as num_boxes is), so the
             # averaged gradients equal one process's on the global batch; one process: as the reference.
             per_query = F.cross_entropy(logits.transpose(1, 2), target_classes, weight=weight, reduction="none")
-            loss_ce = per_query.sum() / _mean_over_processes(weight[target_classes].sum())
+            loss_ce = per_query.sum() / all_reduce_mean(weight[target_classes].sum().detach())
         else:
             loss_ce = F.cross_entropy(logits.transpose(1, 2), target_classes, weight=weight)
         with torch.no_grad():
@@ -277,67 +267,73 @@ class SetCriterion(nn.Module):
             raise ValueError(f"SetCriterion: {logits.shape[0]} predictions but {len(targets)} targets")
         num_boxes = count_boxes(targets, logits.device)  # once for all layers
         cfg = self.loss_config
-        terms: dict[str, Tensor] = {}
-        weights: dict[str, float] = {}
-        metrics: dict[str, Tensor] = {}
-        term_weight = {"loss_ce": cfg.ce, "loss_bbox": cfg.bbox, "loss_giou": cfg.giou}
-
-        def add(name: str, value: Tensor, weight: float) -> None:
-            terms[name] = value
-            weights[name] = float(weight)
-
+        acc = _Terms({"loss_ce": cfg.ce, "loss_bbox": cfg.bbox, "loss_giou": cfg.giou, "loss_mask": cfg.mask,
+                      "loss_dice": cfg.dice})
         # One-to-one sets: the final layer, the auxiliary layers, and each extra Group DETR group likewise.
-        layers: list[tuple[str, Mapping[str, Any]]] = []
         groups = [("", outputs)] + [(f"_g{g}", o) for g, o in enumerate(outputs.get("group_outputs") or [], 1)]
+        final_indices: MatchIndices = []
         for prefix, group in groups:
-            layers.append((prefix, group))
+            layers = [(prefix, group)]
             if cfg.aux_loss:
                 layers += [(f"{prefix}_{i}", aux) for i, aux in enumerate(group.get("aux_outputs") or [])]
-
-        final_indices: MatchIndices = []
-        for suffix, layer in layers:
-            indices = self.matcher(layer, targets)
-            match = _Match.build(indices, layer["pred_logits"].device)
-            is_final = suffix == ""
-            if is_final:
-                final_indices = indices
-
-            loss_ce, class_error = self.loss_labels(layer["pred_logits"], targets, match)
-            add(f"loss_ce{suffix}", loss_ce, cfg.ce)
-            loss_bbox, loss_giou = self.loss_boxes(layer["pred_boxes"], targets, match, num_boxes)
-            add(f"loss_bbox{suffix}", loss_bbox, cfg.bbox)
-            add(f"loss_giou{suffix}", loss_giou, cfg.giou)
-            if self.masks and is_final:  # the reference supervises masks on the last layer only
-                masks = layer.get("pred_masks", layer.get("mask_logits_of"))
-                if masks is None:
-                    raise KeyError("SetCriterion(masks=True) needs outputs['pred_masks'] (or 'mask_logits_of')")
-                loss_mask, loss_dice = self.loss_masks(masks, targets, match, num_boxes)
-                add("loss_mask", loss_mask, cfg.mask)
-                add("loss_dice", loss_dice, cfg.dice)
-
-            if is_final:  # the reference logs the class error of the last layer only
-                metrics["class_error"] = class_error.detach()
-            if not suffix.startswith("_g"):
-                metrics[f"cardinality_error{suffix}"] = self.cardinality_error(layer["pred_logits"], targets)
-
+            for suffix, layer in layers:
+                indices = self._layer_terms(acc, suffix, layer, targets, num_boxes)
+                if suffix == "":
+                    final_indices = indices
         proposals = outputs.get("enc_outputs")
         if proposals is not None:  # two-stage: the encoder's proposals, matched over all valid tokens
-            focal = cfg.proposal_loss == "focal"
-            indices = self.matcher(proposals, targets, focal=focal, valid=proposals["valid"])
+            indices = self.matcher(proposals, targets, focal=cfg.proposal_loss == "focal", valid=proposals["valid"])
             match = _Match.build(indices, proposals["pred_logits"].device)
-            add("loss_ce_enc", self.loss_proposal_labels(proposals, targets, match, num_boxes), cfg.ce)
-            loss_bbox, loss_giou = self.loss_boxes(proposals["pred_boxes"], targets, match, num_boxes)
-            add("loss_bbox_enc", loss_bbox, cfg.bbox)
-            add("loss_giou_enc", loss_giou, cfg.giou)
-
+            acc.add("loss_ce", "_enc", self.loss_proposal_labels(proposals, targets, match, num_boxes))
+            acc.add_boxes("_enc", *self.loss_boxes(proposals["pred_boxes"], targets, match, num_boxes))
         denoising = outputs.get("dn_outputs")
         if denoising is not None:
             for name, suffix, value in self.denoising_terms(denoising, num_boxes):
-                add(name + suffix, value, term_weight[name])
-
-        total = sum(terms[name] * weights[name] for name in terms)
+                acc.add(name, suffix, value)
+        total = sum(acc.terms[name] * acc.weights[name] for name in acc.terms)
         assert isinstance(total, Tensor)
-        return LossResult(terms=terms, weights=weights, metrics=metrics, total=total, indices=final_indices)
+        return LossResult(terms=acc.terms, weights=acc.weights, metrics=acc.metrics, total=total,
+                          indices=final_indices)
+
+    def _layer_terms(self, acc: _Terms, suffix: str, layer: Mapping[str, Any],
+                     targets: Sequence[Mapping[str, Tensor]], num_boxes: float) -> MatchIndices:
+        """Match one decoder layer's predictions and add its terms (and metrics) under ``suffix``."""
+        indices = self.matcher(layer, targets)
+        match = _Match.build(indices, layer["pred_logits"].device)
+        is_final = suffix == ""
+        loss_ce, class_error = self.loss_labels(layer["pred_logits"], targets, match)
+        acc.add("loss_ce", suffix, loss_ce)
+        acc.add_boxes(suffix, *self.loss_boxes(layer["pred_boxes"], targets, match, num_boxes))
+        if self.masks and is_final:  # the reference supervises masks on the last layer only
+            masks = layer.get("pred_masks", layer.get("mask_logits_of"))
+            if masks is None:
+                raise KeyError("SetCriterion(masks=True) needs outputs['pred_masks'] (or 'mask_logits_of')")
+            loss_mask, loss_dice = self.loss_masks(masks, targets, match, num_boxes)
+            acc.add("loss_mask", "", loss_mask)
+            acc.add("loss_dice", "", loss_dice)
+        if is_final:  # the reference logs the class error of the last layer only
+            acc.metrics["class_error"] = class_error.detach()
+        if not suffix.startswith("_g"):
+            acc.metrics[f"cardinality_error{suffix}"] = self.cardinality_error(layer["pred_logits"], targets)
+        return indices
+
+
+@dataclass
+class _Terms:
+    """The loss terms, their weights and the metrics, as ``SetCriterion.forward`` collects them."""
+
+    weight_of: dict[str, float]  # term name without suffix -> its weight
+    terms: dict[str, Tensor] = field(default_factory=dict)
+    weights: dict[str, float] = field(default_factory=dict)
+    metrics: dict[str, Tensor] = field(default_factory=dict)
+
+    def add(self, name: str, suffix: str, value: Tensor) -> None:
+        self.terms[name + suffix] = value
+        self.weights[name + suffix] = float(self.weight_of[name])
+
+    def add_boxes(self, suffix: str, loss_bbox: Tensor, loss_giou: Tensor) -> None:
+        self.add("loss_bbox", suffix, loss_bbox)
+        self.add("loss_giou", suffix, loss_giou)
 
 
 @dataclass

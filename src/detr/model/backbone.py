@@ -11,9 +11,11 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import BackboneConfig
+from ..structures import downsample_mask
 
 NormLayer = Callable[[int], nn.Module]
 
@@ -65,53 +67,62 @@ def _conv1x1(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
     return nn.Conv2d(cin, cout, 1, stride=stride, bias=False)
 
 
-class BasicBlock(nn.Module):
+class _Block(nn.Module):
+    """A residual block: relu(main(x) + shortcut(x)); the subclasses build and run the main branch."""
+
     expansion = 1
 
     def __init__(
         self, cin: int, planes: int, *, stride: int, dilation: int, downsample: nn.Module | None, norm: NormLayer
     ) -> None:
         super().__init__()
+        self._build(cin, planes, stride, dilation, norm)  # first, as torchvision registers them (init order)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = downsample
+
+    def _build(self, cin: int, planes: int, stride: int, dilation: int, norm: NormLayer) -> None:
+        raise NotImplementedError
+
+    def _main(self, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: Tensor) -> Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self._main(x)
+        out += identity  # in place: no new activation-sized tensor (autograd needs neither operand)
+        return self.relu(out)
+
+
+class BasicBlock(_Block):
+    """Two 3x3 convolutions (ResNet-18/34)."""
+
+    def _build(self, cin: int, planes: int, stride: int, dilation: int, norm: NormLayer) -> None:
         self.conv1 = _conv3x3(cin, planes, stride, dilation)
         self.bn1 = norm(planes)
         self.conv2 = _conv3x3(planes, planes, 1, dilation)
         self.bn2 = norm(planes)
-        self.relu = nn.ReLU(inplace=True)
-        self.downsample = downsample
 
-    def forward(self, x: Tensor) -> Tensor:
-        identity = x if self.downsample is None else self.downsample(x)
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        out += identity
-        return self.relu(out)
+    def _main(self, x: Tensor) -> Tensor:
+        return self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)), inplace=True)))
 
 
-class Bottleneck(nn.Module):
-    """ResNet v1.5 bottleneck: the stride sits on the 3x3 convolution."""
+class Bottleneck(_Block):
+    """ResNet v1.5 bottleneck: the stride sits on the 3x3 convolution (ResNet-50/101)."""
 
     expansion = 4
 
-    def __init__(
-        self, cin: int, planes: int, *, stride: int, dilation: int, downsample: nn.Module | None, norm: NormLayer
-    ) -> None:
-        super().__init__()
+    def _build(self, cin: int, planes: int, stride: int, dilation: int, norm: NormLayer) -> None:
         self.conv1 = _conv1x1(cin, planes)
         self.bn1 = norm(planes)
         self.conv2 = _conv3x3(planes, planes, stride, dilation)
         self.bn2 = norm(planes)
         self.conv3 = _conv1x1(planes, planes * self.expansion)
         self.bn3 = norm(planes * self.expansion)
-        self.relu = nn.ReLU(inplace=True)
-        self.downsample = downsample
 
-    def forward(self, x: Tensor) -> Tensor:
-        identity = x if self.downsample is None else self.downsample(x)
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.relu(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out))
-        out += identity  # in place: no new activation-sized tensor (autograd needs neither operand)
-        return self.relu(out)
+    def _main(self, x: Tensor) -> Tensor:
+        out = F.relu(self.bn1(self.conv1(x)), inplace=True)
+        out = F.relu(self.bn2(self.conv2(out)), inplace=True)
+        return self.bn3(self.conv3(out))
 
 
 _ARCHS: dict[str, tuple[type[BasicBlock] | type[Bottleneck], tuple[int, int, int, int]]] = {
@@ -258,25 +269,3 @@ class Backbone(nn.Module):
             stages = stages[-1:]
         masks = [downsample_mask(padding_mask, feature.shape[-2:]) for feature in stages]
         return stages, masks
-
-
-def nearest_source_index(in_size: int, out_size: int, device: torch.device) -> Tensor:
-    """Source index of each output position of F.interpolate(mode="nearest") along one axis: [out_size].
-
-    PyTorch computes floor(i * float32(in / out)). ONNX's Resize divides by float32(out / in)
-    instead, which rounds the other way at exact integers (e.g. 150 -> 5), so the ONNX export would
-    pick other mask pixels; spelling out PyTorch's arithmetic keeps both identical.
-    """
-    # A tensor, not a Python float: the traced graph keeps the sizes dynamic.
-    scale = torch.full((), in_size, dtype=torch.float32, device=device) / out_size
-    index = torch.arange(out_size, dtype=torch.float32, device=device) * scale
-    return index.floor().long().clamp(max=in_size - 1)
-
-
-def downsample_mask(padding_mask: Tensor, size: torch.Size | tuple[int, int]) -> Tensor:
-    """Nearest-neighbour resize of a [B, H, W] padding mask to a feature map's (h, w): exactly
-    F.interpolate(mode="nearest"), written as an index selection so that ONNX exports agree too."""
-    h, w = padding_mask.shape[-2:]
-    rows = nearest_source_index(h, size[0], padding_mask.device)
-    cols = nearest_source_index(w, size[1], padding_mask.device)
-    return padding_mask.index_select(1, rows).index_select(2, cols)  # [B, h, w]

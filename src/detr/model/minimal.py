@@ -18,12 +18,14 @@ from .backbone import ResNet
 
 @dataclass(frozen=True)
 class DemoConfig:
-    num_classes: int = 91
+    """The notebook model's sizes, named as torch.nn.Transformer names them."""
+
+    num_classes: int = 91  # COCO's class ids (the head has num_classes + 1 outputs)
     hidden_dim: int = 256
     nheads: int = 8
     num_encoder_layers: int = 6
     num_decoder_layers: int = 6
-    num_queries: int = 100
+    num_queries: int = 100  # the notebook's learned query positions
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -157,14 +157,15 @@ class DecoderLayer(nn.Module):
         return self.norm3(tgt + self.dropout(_feed_forward(self, tgt)))
 
 
+def _stack(layer: type[EncoderLayer] | type[DecoderLayer], c: TransformerConfig, count: int) -> nn.ModuleList:
+    return nn.ModuleList(layer(c.hidden_dim, c.nheads, c.dim_feedforward, c.dropout, c.pre_norm) for _ in range(count))
+
+
 class Encoder(nn.Module):
     def __init__(self, config: TransformerConfig) -> None:
         super().__init__()
         c = config
-        self.layers = nn.ModuleList(
-            EncoderLayer(c.hidden_dim, c.nheads, c.dim_feedforward, c.dropout, c.pre_norm)
-            for _ in range(c.enc_layers)
-        )
+        self.layers = _stack(EncoderLayer, c, c.enc_layers)
         # Post-norm layers end normalized already; pre-norm needs a final norm.
         self.norm = nn.LayerNorm(c.hidden_dim) if c.pre_norm else None
 
@@ -177,12 +178,8 @@ class Encoder(nn.Module):
 class Decoder(nn.Module):
     def __init__(self, config: TransformerConfig) -> None:
         super().__init__()
-        c = config
-        self.layers = nn.ModuleList(
-            DecoderLayer(c.hidden_dim, c.nheads, c.dim_feedforward, c.dropout, c.pre_norm)
-            for _ in range(c.dec_layers)
-        )
-        self.norm = nn.LayerNorm(c.hidden_dim)  # shared by every layer's output (the aux heads see it)
+        self.layers = _stack(DecoderLayer, config, config.dec_layers)
+        self.norm = nn.LayerNorm(config.hidden_dim)  # shared by every layer's output (the aux heads see it)
 
     def forward(
         self, tgt: Tensor, memory: Tensor, padding_mask: Tensor | None, pos: Tensor | None,

@@ -1,10 +1,12 @@
-"""Process-group setup for torchrun: NCCL on CUDA, gloo on CPU, chosen automatically."""
+"""Processes working together (torchrun): the process group (NCCL on CUDA, gloo on CPU, chosen
+automatically), and the few collective helpers the loss, training and evaluation share."""
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -76,6 +78,15 @@ def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
     value = value.clone()
     dist.all_reduce(value)
     return value / world_size()
+
+
+def gather_objects(obj: Any) -> list[Any]:
+    """Every process's ``obj``, in rank order (``[obj]`` for one process)."""
+    if world_size() == 1:
+        return [obj]
+    gathered: list[Any] = [None] * world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
 
 
 def barrier() -> None:
