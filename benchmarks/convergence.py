@@ -4,6 +4,9 @@
         --set vanilla= --set anchors=--anchor_queries --set "two-stage=--anchor_queries --two_stage" \\
         --out outputs/convergence
 
+The budget is ``--minutes`` of training time, ``--steps``, or ``--images`` (each set trains images / its
+batch size steps, so sets with other batch sizes see as many images).
+
 Each ``--set NAME=FLAGS`` is the base configuration (``--base``, default: the demo's model with every
 convergence option off: a small stride-8 GroupNorm CNN, hidden 128, 2 + 3 layers, 20 queries) with
 ``detr train``'s model flags applied, plus the stream flags of this script in FLAGS (``--lr``,
@@ -67,13 +70,15 @@ def run_one(args: argparse.Namespace) -> int:
     add_model_flags(parser)
     flags = parser.parse_args(shlex.split(args.flags))
     config = model_config_from_args(flags, base=base_config(args.base))
-    budget = {"minutes": args.minutes} if args.steps is None else {"steps": args.steps}
+    steps = args.images // flags.batch_size if args.images else args.steps
+    budget = {"minutes": args.minutes} if steps is None else {"steps": steps}
     schedule = StreamSchedule(
         **budget, batch_size=flags.batch_size, lr=flags.lr, lr_backbone=flags.lr_backbone,
         weight_decay=flags.weight_decay, clip_max_norm=flags.clip_max_norm, lr_drop=flags.lr_drop,
         warmup_steps=flags.warmup_steps, ema=flags.ema,
-        eval_every_minutes=args.eval_every if args.steps is None else None,
-        eval_every_steps=args.eval_every_steps if args.steps is not None else None,
+        eval_every_minutes=args.eval_every if steps is None else None,
+        eval_every_steps=(args.eval_every_images // flags.batch_size if args.images else args.eval_every_steps)
+        if steps is not None else None,
     )
     task = shapes_task(Path(args.out) / "shapes", args.seed)
     log_file = JsonLog(Path(args.log))
@@ -94,20 +99,22 @@ def summary(path: Path) -> dict:
     lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     run = next(r for r in lines if r["type"] == "run")
     done = next((r for r in lines if r["type"] == "done"), {})
-    evals = [[r["train_s"], r["AP"], r["AP50"]] for r in lines if r["type"] == "eval"]
+    evals = [[r["train_s"], r["AP"], r["AP50"], r["images"]] for r in lines if r["type"] == "eval"]
     return {"set": run["set"], "seed": run["seed"], "flags": run["flags"], "images_per_s": done.get("images_per_s"),
             "images": done.get("images"), "evals": evals}
 
 
-def table(paths: list[Path], marks: list[float]) -> str:
-    """Markdown: one row per run, AP50 at each mark (minutes: the last evaluation at or before it)."""
-    head = "| set | seed | img/s | " + " | ".join(f"AP / AP50 at {m:g} min" for m in marks) + " |"
+def table(paths: list[Path], marks: list[float], by_images: bool = False) -> str:
+    """Markdown: one row per run, AP / AP50 at each mark (minutes, or thousands of images with
+    ``by_images``): the last evaluation at or before it."""
+    unit = "k images" if by_images else " min"
+    head = "| set | seed | img/s | " + " | ".join(f"AP / AP50 at {m:g}{unit}" for m in marks) + " |"
     rows = [head, "|" + "---|" * (3 + len(marks))]
     for path in paths:
         s = summary(path)
         cells = []
         for m in marks:
-            before = [e for e in s["evals"] if e[0] <= 60 * m + 1]
+            before = [e for e in s["evals"] if (e[3] <= 1000 * m if by_images else e[0] <= 60 * m + 1)]
             cells.append(f"{before[-1][1]:.3f} / {before[-1][2]:.3f}" if before else "-")
         rows.append(f"| {s['set']} | {s['seed']} | {s['images_per_s']} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
@@ -119,14 +126,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--base", default="vanilla-small", help="vanilla-small, or a preset name")
     p.add_argument("--minutes", type=float, default=10.0, help="training-time budget per run")
     p.add_argument("--steps", type=int, default=None, help="a step budget instead of minutes")
+    p.add_argument("--images", type=int, default=None,
+                   help="an image budget instead of minutes: each set trains images / its batch size steps")
     p.add_argument("--eval_every", type=float, default=2.5, help="minutes of training between evaluations")
     p.add_argument("--eval_every_steps", type=int, default=500, help="with --steps")
+    p.add_argument("--eval_every_images", type=int, default=4000, help="with --images")
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--jobs", type=int, default=1, help="runs at once")
     p.add_argument("--threads", type=int, default=1, help="torch threads per run")
     p.add_argument("--out", default="outputs/convergence")
     p.add_argument("--table", type=Path, nargs="+", default=None, help="print the table of these run logs")
-    p.add_argument("--marks", type=float, nargs="+", default=[5, 10], help="--table: minutes to report")
+    p.add_argument("--marks", type=float, nargs="+", default=[5, 10],
+                   help="minutes to report in the table (thousands of images with --images or --by_images)")
+    p.add_argument("--by_images", action="store_true", help="--table: marks are thousands of images")
     # one run (used by the parent for each option set and seed)
     p.add_argument("--name", help=argparse.SUPPRESS)
     p.add_argument("--flags", default="", help=argparse.SUPPRESS)
@@ -134,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--log", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.table:
-        print(table(args.table, args.marks))
+        print(table(args.table, args.marks, args.by_images))
         return 0
     if args.log:
         return run_one(args)
@@ -156,7 +168,13 @@ def main(argv: list[str] | None = None) -> int:
             cmd = [sys.executable, __file__, "--name", name, "--flags", flags, "--seed", str(seed), "--log", str(log),
                    "--base", args.base, "--threads", str(args.threads), "--out", str(out),
                    "--eval_every", str(args.eval_every), "--eval_every_steps", str(args.eval_every_steps)]
-            cmd += ["--steps", str(args.steps)] if args.steps is not None else ["--minutes", str(args.minutes)]
+            cmd += ["--eval_every_images", str(args.eval_every_images)]
+            if args.images is not None:
+                cmd += ["--images", str(args.images)]
+            elif args.steps is not None:
+                cmd += ["--steps", str(args.steps)]
+            else:
+                cmd += ["--minutes", str(args.minutes)]
             env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
             running.append((subprocess.Popen(cmd, env=env), log))
             logs.append(log)
@@ -168,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
                     print(json.dumps({"set": log.stem, "error": f"exit status {proc.returncode}"}), flush=True)
                 else:
                     print(json.dumps(summary(log)), flush=True)
-    print(table([log for log in logs if log.exists()], args.marks))
+    print(table([log for log in logs if log.exists()], args.marks, args.images is not None))
     return 0
 
 

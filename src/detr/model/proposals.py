@@ -7,6 +7,7 @@ refines them, the proposal heads learn from their own set loss). The content que
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -14,6 +15,8 @@ from torch import Tensor, nn
 
 from .mlp import MLP
 from .queries import inverse_sigmoid
+
+PRIOR = 0.01  # initial object probability of a focal-trained proposal
 
 
 @dataclass
@@ -57,6 +60,9 @@ class EncoderProposals(nn.Module):
         self.project = nn.Linear(hidden_dim, hidden_dim)
         self.norm = nn.LayerNorm(hidden_dim)
         self.class_head = nn.Linear(hidden_dim, num_classes + 1)
+        if focal:  # every token starts as background with probability 0.99 (RetinaNet's prior): otherwise
+            # hundreds of background tokens x K classes at p = 0.5 swamp the first steps' loss
+            nn.init.constant_(self.class_head.bias, -math.log((1 - PRIOR) / PRIOR))
         self.box_head = MLP(hidden_dim, hidden_dim, 4, 3)
         nn.init.zeros_(self.box_head.layers[-1].weight)  # each proposal starts as its cell's box
         nn.init.zeros_(self.box_head.layers[-1].bias)
