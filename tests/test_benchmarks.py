@@ -127,3 +127,27 @@ def test_pq_ceiling_on_converted_coco_mini(tmp_path, capsys):
     small, large = (json.loads(line) for line in capsys.readouterr().out.splitlines())
     assert (small["size"], large["size"], large["max_size"]) == (32, 512, 853)
     assert 0 < small["pq_things"] < large["pq_things"] <= 1 and large["segments"] == small["segments"] > 0
+
+
+def test_convergence_run_spends_the_image_budget_and_tables_its_evaluations(tmp_path):
+    import torch
+
+    convergence = _load("convergence")
+    log = tmp_path / "anchors_s0.jsonl"
+    argv = ["--name", "anchors", "--flags", "--anchor_queries --batch_size 4", "--seed", "0", "--log", str(log),
+            "--images", "8", "--eval_every_images", "4", "--out", str(tmp_path),
+            "--threads", str(torch.get_num_threads())]
+    assert convergence.main(argv) == 0
+    lines = [json.loads(line) for line in log.read_text().splitlines()]
+    run, done = lines[0], lines[-1]
+    assert run["type"] == "run" and run["model"]["queries"]["anchors"] is True
+    assert run["model"]["queries"]["two_stage"] is False
+    assert done["type"] == "done" and (done["steps"], done["images"]) == (2, 8)  # 8 images / batch 4
+    evals = [r for r in lines if r["type"] == "eval"]
+    assert [e["images"] for e in evals] == [4, 8]
+    summary = convergence.summary(log)
+    assert summary["evals"] == [[e["train_s"], e["AP"], e["AP50"], e["images"]] for e in evals]
+    table = convergence.table([log], [0.004, 0.008], by_images=True).splitlines()
+    cells = [c.strip() for c in table[2].strip("|").split("|")]
+    assert cells[:2] == ["anchors", "0"]
+    assert cells[3:] == [f"{e['AP']:.3f} / {e['AP50']:.3f}" for e in evals]

@@ -36,6 +36,7 @@ OPTIONS = {
     "two_stage": tiny(QueryConfig(anchors=True, two_stage=True, anchor_size=0.3)),
     "two_stage_ce": dataclasses.replace(tiny(QueryConfig(anchors=True, two_stage=True)), loss=detr.config.LossConfig(
         proposal_loss="ce")),
+    "encoder_content": tiny(QueryConfig(anchors=True, two_stage=True, encoder_content=True, anchor_size=0.3)),
     "denoising": tiny(QueryConfig(anchors=True, denoising_groups=3)),
     "groups": tiny(QueryConfig(groups=3)),
     "everything": tiny(QueryConfig(anchors=True, two_stage=True, denoising_groups=2, groups=2)),
@@ -45,7 +46,8 @@ OPTIONS = {
     "no_ffn": tiny(dim_feedforward=0),
 }
 # options that change the inference graph (the rest exist only in training)
-INFERENCE_OPTIONS = ["anchors", "two_stage", "spatial_pos_input", "spatial_pos_none", "query_pos_input", "no_ffn"]
+INFERENCE_OPTIONS = ["anchors", "two_stage", "encoder_content", "spatial_pos_input", "spatial_pos_none",
+                     "query_pos_input", "no_ffn"]
 
 
 @pytest.fixture(scope="module")
@@ -202,6 +204,21 @@ def test_two_stage_references_are_the_top_proposals(batch):
     assert proposals.valid.all() and proposals.pred_boxes.shape == (4, (SIZE // 8) ** 2, 4)
 
 
+def test_encoder_content_queries_are_the_selected_tokens(batch):
+    torch.manual_seed(7)
+    model = detr.build_detr(OPTIONS["encoder_content"]).eval()
+    assert model.anchor_queries.content is None  # nothing learned in its place
+    seen = {}
+    model.transformer.decoder.register_forward_pre_hook(lambda module, args: seen.update(content=args[0]))
+    with torch.no_grad():
+        out = model(batch.images)
+    proposals = out["enc_outputs"]
+    top = model.proposals.objectness(proposals).topk(6, dim=1).indices  # [B, 6]
+    expected = torch.gather(proposals.hidden, 1, top[..., None].expand(-1, -1, proposals.hidden.shape[-1]))
+    torch.testing.assert_close(seen["content"], expected)
+    assert seen["content"].std(dim=1).min() > 0  # the queries differ, unlike learned-free zeros
+
+
 def test_proposal_cells_follow_the_unpadded_image():
     from detr.model.proposals import cell_boxes
 
@@ -268,6 +285,8 @@ def test_small_backbone_output_stride(widths, stride):
 def test_invalid_combinations_say_which_option_needs_which():
     with pytest.raises(ValueError, match="two_stage needs anchor-box queries.*--anchor_queries"):
         QueryConfig(two_stage=True)
+    with pytest.raises(ValueError, match="encoder_content needs two-stage selection.*--two_stage"):
+        QueryConfig(anchors=True, encoder_content=True)
     with pytest.raises(ValueError, match="denoising needs anchor-box queries"):
         QueryConfig(denoising_groups=2)
     with pytest.raises(ValueError, match="query_pos='input' is for learned queries"):
@@ -286,12 +305,14 @@ def test_cli_flags_build_the_options():
     parser = argparse.ArgumentParser()
     add_model_flags(parser)
     args = parser.parse_args(["--backbone", "small", "--backbone_widths", "16,32,64,128", "--backbone_depths",
-                              "0,1,1,1", "--anchor_queries", "--two_stage", "--denoising", "4", "--query_groups", "2",
+                              "0,1,1,1", "--anchor_queries", "--two_stage", "--encoder_content", "--denoising", "4",
+                              "--query_groups", "2",
                               "--proposal_loss", "ce", "--spatial_pos", "input", "--dim_feedforward", "0"])
     config = model_config_from_args(args, num_classes=7)
     assert config.backbone == BackboneConfig(name="small", norm="group_norm", frozen_stages=0,
                                              widths=(16, 32, 64, 128), depths=(0, 1, 1, 1))
-    assert config.queries == QueryConfig(anchors=True, two_stage=True, denoising_groups=4, groups=2)
+    assert config.queries == QueryConfig(anchors=True, two_stage=True, encoder_content=True, denoising_groups=4,
+                                         groups=2)
     assert config.loss.proposal_loss == "ce" and config.num_classes == 7
     assert config.transformer.spatial_pos == "input" and config.transformer.dim_feedforward == 0
     assert DetrConfig.from_dict(config.to_dict()) == config  # JSON-style round trip (tuples come back)

@@ -112,6 +112,9 @@ class QueryConfig:
     # on every encoder token; the top-Q proposals by objectness become the reference boxes (content stays
     # learned). Needs anchors.
     two_stage: bool = False
+    # Two-stage: the content queries are the selected tokens' projected encoder features, detached (RT-DETR;
+    # Deformable DETR's two-stage also derives them from the proposals) instead of learned embeddings.
+    encoder_content: bool = False
     # Initial width and height (normalized) of the learned anchors and of each encoder cell's proposal.
     anchor_size: float = 0.1
     # Denoising training (DN-DETR): noised ground-truth boxes and labels as extra query groups, isolated by
@@ -127,6 +130,9 @@ class QueryConfig:
         if self.two_stage and not self.anchors:
             raise ValueError("two_stage needs anchor-box queries: the proposals become reference boxes "
                              "(queries.anchors=True, flag --anchor_queries)")
+        if self.encoder_content and not self.two_stage:
+            raise ValueError("encoder_content needs two-stage selection: the content comes from the selected "
+                             "encoder tokens (queries.two_stage=True, flag --two_stage)")
         if self.denoising_groups and not self.anchors:
             raise ValueError("denoising needs anchor-box queries: noised boxes enter as reference boxes "
                              "(queries.anchors=True, flag --anchor_queries)")

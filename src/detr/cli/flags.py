@@ -39,6 +39,7 @@ MODEL_FLAGS: dict[str, tuple[str, str]] = {
     **{name: ("transformer", name) for name in ("enc_layers", "dec_layers", "dim_feedforward", "hidden_dim", "dropout",
                                                 "nheads", "pre_norm", "spatial_pos", "query_pos")},
     "anchor_queries": ("queries", "anchors"), "two_stage": ("queries", "two_stage"),
+    "encoder_content": ("queries", "encoder_content"),
     "anchor_size": ("queries", "anchor_size"), "denoising": ("queries", "denoising_groups"),
     "label_noise": ("queries", "label_noise"), "box_noise": ("queries", "box_noise"),
     "query_groups": ("queries", "groups"),
@@ -85,6 +86,8 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
                    help="anchor-box queries with per-layer box refinement (DAB-DETR, Deformable DETR)")
     g.add_argument("--two_stage", action="store_true", default=None,
                    help="reference boxes from the top encoder proposals (needs --anchor_queries)")
+    g.add_argument("--encoder_content", action="store_true", default=None,
+                   help="content queries from the selected encoder tokens, not learned (RT-DETR; needs --two_stage)")
     g.add_argument("--anchor_size", type=float, default=None,
                    help="initial width/height of anchors and proposals (normalized, default 0.1)")
     g.add_argument("--denoising", type=int, default=None, metavar="GROUPS",

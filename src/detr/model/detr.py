@@ -76,7 +76,8 @@ class DETR(nn.Module):
         if q.anchors:
             self.anchor_queries = AnchorQueries(
                 num_queries=all_queries, hidden_dim=hidden, num_layers=config.transformer.dec_layers,
-                learned_anchors=not q.two_stage, learned_content=q.two_stage, anchor_size=q.anchor_size,
+                learned_anchors=not q.two_stage, learned_content=q.two_stage and not q.encoder_content,
+                anchor_size=q.anchor_size,
             )
         else:
             self.query_embed = nn.Embedding(all_queries, hidden)
@@ -137,7 +138,10 @@ class DETR(nn.Module):
         proposals = None
         if self.proposals is not None:
             proposals = self.proposals(memory, padding_mask)
-            reference = self.proposals.select(proposals, num).repeat(1, groups, 1)  # [B, G*Q, 4]
+            reference, selected = self.proposals.select(proposals, num)
+            reference = reference.repeat(1, groups, 1)  # [B, G*Q, 4]
+            if q.encoder_content:
+                content = selected.to(content.dtype).repeat(1, groups, 1)  # [B, G*Q, C]
         assert reference is not None
         denoising = None
         if self.training and self.label_embedding is not None and targets is not None:

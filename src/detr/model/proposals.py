@@ -2,7 +2,8 @@
 
 Between encoder and decoder: every encoder token proposes a box, relative to its own cell, and a
 class; the top-Q tokens by objectness give the decoder its reference boxes (detached: the decoder
-refines them, the proposal heads learn from their own set loss). The content queries stay learned.
+refines them, the proposal heads learn from their own set loss). The content queries stay learned,
+or (``encoder_content``) are the selected tokens' projected features, detached (RT-DETR).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ class Proposals:
     pred_logits: Tensor
     pred_boxes: Tensor
     valid: Tensor
+    hidden: Tensor  # [B, HW, C] the projected tokens the heads read
 
     def __getitem__(self, key: str) -> Tensor:  # the matcher reads outputs["pred_logits"] / ["pred_boxes"]
         return getattr(self, key)
@@ -74,7 +76,7 @@ class EncoderProposals(nn.Module):
         hidden = self.norm(self.project(memory))
         cells = cell_boxes(padding_mask, self.cell_size)  # [B, HW, 4]
         boxes = (self.box_head(hidden).float() + inverse_sigmoid(cells)).sigmoid()
-        return Proposals(self.class_head(hidden), boxes, ~padding_mask.flatten(1))
+        return Proposals(self.class_head(hidden), boxes, ~padding_mask.flatten(1), hidden)
 
     def objectness(self, proposals: Proposals) -> Tensor:
         """[B, HW] scores whose order ranks the proposals (padding: -inf)."""
@@ -85,11 +87,14 @@ class EncoderProposals(nn.Module):
             score = -logits.log_softmax(-1)[..., -1]  # ranks as 1 - p(no object)
         return score.masked_fill(~proposals.valid, float("-inf"))
 
-    def select(self, proposals: Proposals, count: int) -> Tensor:
-        """The boxes [B, count, 4] of the ``count`` most object-like proposals, detached."""
+    def select(self, proposals: Proposals, count: int) -> tuple[Tensor, Tensor]:
+        """The boxes [B, count, 4] and projected features [B, count, C] of the ``count`` most object-like
+        proposals, detached."""
         score = self.objectness(proposals)
         if score.shape[1] < count:
             raise ValueError(f"two-stage selection needs at least {count} encoder tokens (num_queries), the "
                              f"feature map has {score.shape[1]}: use larger images or fewer queries")
-        top = score.topk(count, dim=1).indices  # [B, count]
-        return torch.gather(proposals.pred_boxes.detach(), 1, top[..., None].expand(-1, -1, 4))
+        top = score.topk(count, dim=1).indices[..., None]  # [B, count, 1]
+        boxes = torch.gather(proposals.pred_boxes.detach(), 1, top.expand(-1, -1, 4))
+        hidden = proposals.hidden.detach()
+        return boxes, torch.gather(hidden, 1, top.expand(-1, -1, hidden.shape[-1]))
