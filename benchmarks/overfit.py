@@ -131,6 +131,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max_size", type=int, default=480)
     p.add_argument("--num_queries", type=int, default=50)
     p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--lr_drop", type=int, default=None,
+                   help="detection: the epoch at which the learning rate drops 10x (default: two thirds of --epochs)")
     p.add_argument("--batch_size", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output_dir", default=None, help="keep the run here (default: a temporary folder)")
@@ -179,7 +181,8 @@ def detection_main(args: argparse.Namespace) -> dict:
         n_images, n_objects = subset_annotations(Path(ann_file), args.images, subset)
         options = TrainOptions.from_flat(
             train_images=str(images_dir), train_json=str(subset), val_images=str(images_dir), val_json=str(subset),
-            output_dir=args.output_dir or str(Path(tmp) / "run"), epochs=args.epochs, lr_drop=drop(args.epochs),
+            output_dir=args.output_dir or str(Path(tmp) / "run"), epochs=args.epochs,
+            lr_drop=args.lr_drop or drop(args.epochs),
             resume=args.resume,
             batch_size=args.batch_size, lr=args.lr, lr_backbone=args.lr, seed=args.seed, num_workers=0,
             augment=False, train_scales=[args.size], val_scale=args.size, max_size=args.max_size,
@@ -188,7 +191,8 @@ def detection_main(args: argparse.Namespace) -> dict:
         record = train(config, options)
     result = {
         "ap": record["bbox_AP"], "ap50": record["bbox_AP50"], "seconds": round(time.perf_counter() - start, 1),
-        "epochs": args.epochs, "images": n_images, "objects": n_objects, "size": args.size,
+        "epochs": args.epochs, "lr_drop": options.optim.lr_drop,
+        "images": n_images, "objects": n_objects, "size": args.size,
         "final_loss": record["train_loss"], "threads": torch.get_num_threads(), "resumed_from": args.resume,
         "device": args.device, "variant": args.variant, "ema": args.ema,
     }
