@@ -287,6 +287,8 @@ def test_invalid_combinations_say_which_option_needs_which():
         QueryConfig(two_stage=True)
     with pytest.raises(ValueError, match="encoder_content needs two-stage selection.*--two_stage"):
         QueryConfig(anchors=True, encoder_content=True)
+    with pytest.raises(ValueError, match="extra groups would be copies of the first"):
+        QueryConfig(anchors=True, two_stage=True, encoder_content=True, groups=2)
     with pytest.raises(ValueError, match="denoising needs anchor-box queries"):
         QueryConfig(denoising_groups=2)
     with pytest.raises(ValueError, match="query_pos='input' is for learned queries"):
@@ -306,13 +308,11 @@ def test_cli_flags_build_the_options():
     add_model_flags(parser)
     args = parser.parse_args(["--backbone", "small", "--backbone_widths", "16,32,64,128", "--backbone_depths",
                               "0,1,1,1", "--anchor_queries", "--two_stage", "--encoder_content", "--denoising", "4",
-                              "--query_groups", "2",
                               "--proposal_loss", "ce", "--spatial_pos", "input", "--dim_feedforward", "0"])
     config = model_config_from_args(args, num_classes=7)
     assert config.backbone == BackboneConfig(name="small", norm="group_norm", frozen_stages=0,
                                              widths=(16, 32, 64, 128), depths=(0, 1, 1, 1))
-    assert config.queries == QueryConfig(anchors=True, two_stage=True, encoder_content=True, denoising_groups=4,
-                                         groups=2)
+    assert config.queries == QueryConfig(anchors=True, two_stage=True, encoder_content=True, denoising_groups=4)
     assert config.loss.proposal_loss == "ce" and config.num_classes == 7
     assert config.transformer.spatial_pos == "input" and config.transformer.dim_feedforward == 0
     assert DetrConfig.from_dict(config.to_dict()) == config  # JSON-style round trip (tuples come back)

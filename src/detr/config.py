@@ -133,6 +133,10 @@ class QueryConfig:
         if self.encoder_content and not self.two_stage:
             raise ValueError("encoder_content needs two-stage selection: the content comes from the selected "
                              "encoder tokens (queries.two_stage=True, flag --two_stage)")
+        if self.encoder_content and self.groups > 1:
+            raise ValueError("encoder_content gives every query group the same content and boxes (the same selected "
+                             "tokens), so extra groups would be copies of the first: use --query_groups 1, or learned "
+                             "content (drop --encoder_content)")
         if self.denoising_groups and not self.anchors:
             raise ValueError("denoising needs anchor-box queries: noised boxes enter as reference boxes "
                              "(queries.anchors=True, flag --anchor_queries)")
