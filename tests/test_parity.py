@@ -52,18 +52,21 @@ def test_loaded_architecture(reference, models, name):
 def test_outputs_match_reference(reference, models, name, optimized):
     # optimized: frozen norms folded into the convolutions, channels-last (what predict/eval run)
     model = optimize_for_inference(models[name]) if optimized else models[name]
+    # Folding reorders the arithmetic: the optimized panoptic logits measure 1.01e-4 on an AVX-512 CPU (below
+    # 1e-4 on AVX2); a wrong fold is off by far more than 2e-4.
+    tol = 2e-4 if optimized else 1e-4
     expected = reference[name]["outputs"]
     with torch.inference_mode():
         out = model(reference["images"])
-    close(out["pred_logits"], expected["pred_logits"], 1e-4)
-    close(out["pred_boxes"], expected["pred_boxes"], 1e-4)
+    close(out["pred_logits"], expected["pred_logits"], tol)
+    close(out["pred_boxes"], expected["pred_boxes"], tol)
     assert len(out["aux_outputs"]) == len(expected["aux_outputs"])
     for ours, theirs in zip(out["aux_outputs"], expected["aux_outputs"], strict=True):
-        close(ours["pred_logits"], theirs["pred_logits"], 1e-4)
-        close(ours["pred_boxes"], theirs["pred_boxes"], 1e-4)
+        close(ours["pred_logits"], theirs["pred_logits"], tol)
+        close(ours["pred_boxes"], theirs["pred_boxes"], tol)
     if "pred_masks" in expected:
         assert out["pred_masks"].shape == expected["pred_masks"].shape
-        close(out["pred_masks"], expected["pred_masks"], 1e-4)
+        close(out["pred_masks"], expected["pred_masks"], tol)
 
 
 def _loss_and_grads(model, reference, dtype: torch.dtype, on_demand: bool = False):

@@ -315,7 +315,9 @@ def test_predict_panoptic_writes_segments(panoptic_checkpoint, tmp_path):
 
 def test_bf16_precision_stays_close_to_fp32(reference, checkpoint):
     """precision="bf16" (autocast) on the fixture's images: every query's normalized box within 1e-2 of
-    fp32, the same best detection, outputs back in float32."""
+    fp32, every class probability within 2e-3, fp32's best detection scored as bf16's best (to that
+    tolerance: the fixture model's scores are close to uniform, so exact ties can break either way under
+    bf16's 8-bit mantissa on CPUs with native bf16 arithmetic), outputs back in float32."""
     fp32 = Detector.from_checkpoint(checkpoint, **FIXTURE_SIZE)
     bf16 = Detector.from_checkpoint(checkpoint, precision="bf16", **FIXTURE_SIZE)
     for name in reference["image_files"]:
@@ -326,6 +328,8 @@ def test_bf16_precision_stays_close_to_fp32(reference, checkpoint):
         assert b["pred_boxes"].dtype == torch.float32
         assert (a["pred_boxes"] - b["pred_boxes"]).abs().max() < 1e-2
         prob_a, prob_b = a["pred_logits"].softmax(-1)[..., :-1], b["pred_logits"].softmax(-1)[..., :-1]
-        assert prob_a.flatten().argmax() == prob_b.flatten().argmax()
+        diff = (prob_a - prob_b).abs().max().item()
+        assert diff < 2e-3, diff
+        assert prob_b.flatten()[prob_a.flatten().argmax()] >= prob_b.max() - 2 * diff
     with pytest.raises(ValueError, match="precision"):
         Detector.from_checkpoint(checkpoint, precision="int8")
