@@ -68,6 +68,21 @@ def test_overfit_backbone_lr_needs_unfrozen(capsys):
     assert "needs --unfrozen" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(("flags", "expected"), [([], 20), (["--lr_drop", "25"], 25)])
+def test_overfit_lr_drop_reaches_the_training_options(flags, expected, monkeypatch, capsys):
+    overfit = _load("overfit")
+    seen = {}
+
+    def fake_train(config, options):
+        seen["lr_drop"] = options.optim.lr_drop
+        return {"bbox_AP": 0.5, "bbox_AP50": 0.75, "train_loss": 1.0}
+
+    monkeypatch.setattr(overfit, "train", fake_train)
+    assert overfit.main(["--coco_path", str(COCO_MINI), "--epochs", "30", "--json", *flags]) == 0
+    assert seen["lr_drop"] == expected  # default: two thirds of 30
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["lr_drop"] == expected
+
+
 def test_inference_bf16_line_compares_with_fp32(monkeypatch, capsys):
     """The whole benchmark at tiny image sizes: the bf16 line carries its fp32 comparison."""
     inference = _load("inference")

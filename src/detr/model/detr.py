@@ -140,8 +140,8 @@ class DETR(nn.Module):
             proposals = self.proposals(memory, padding_mask)
             reference, selected = self.proposals.select(proposals, num)
             reference = reference.repeat(1, groups, 1)  # [B, G*Q, 4]
-            if q.encoder_content:
-                content = selected.to(content.dtype).repeat(1, groups, 1)  # [B, G*Q, C]
+            if q.encoder_content:  # one group only (the config refuses more)
+                content = selected.to(content.dtype)  # [B, Q, C]
         assert reference is not None
         denoising = None
         if self.training and self.label_embedding is not None and targets is not None:
