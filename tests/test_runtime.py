@@ -13,14 +13,13 @@ from detr.runtime import keep_freed_memory
 applied = keep_freed_memory()
 def faults():
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-x = torch.ones(16 << 20); del x  # 64 MiB, above glibc's largest mmap threshold (32 MiB)
-per_block = []  # page faults of each new 64 MiB block
-for _ in range(7):
+per_step = []  # page faults of each step
+for _ in range(16):
     before = faults()
-    x = torch.ones(16 << 20)
-    per_block.append(faults() - before)
-    del x
-print(json.dumps({"applied": applied, "faults": min(per_block)}))
+    x = torch.ones(16 << 20); y = x + 1; z = y * x  # three live 64 MiB blocks, like one layer's activations
+    del x, y, z
+    per_step.append(faults() - before)
+print(json.dumps({"applied": applied, "faults": per_step}))
 """
 
 
@@ -38,8 +37,8 @@ def test_large_blocks_are_reused():
     tuned, untouched = _run(None), _run("0")
     assert tuned["applied"] and not untouched["applied"]
     pages = (64 << 20) // 4096  # every page of one 64 MiB block
-    # "faults": the fewest page faults of 7 fresh blocks. Untouched, every block is mapped afresh; tuned,
-    # freed blocks come back already mapped (not every time: glibc's aligned allocations can leave a freed
-    # block a few bytes short of the next request, which then grows the heap instead).
-    assert untouched["faults"] > 0.9 * pages
-    assert tuned["faults"] < 0.05 * pages
+    # Untouched, every step maps its three blocks afresh. Tuned, the heap grows over the first steps (a freed
+    # block can be a few bytes short of the next aligned request) until its free space holds a step's
+    # working set; from then on nothing is mapped again (measured: steady within 8 steps in 20 of 20 runs).
+    assert min(untouched["faults"][1:]) > 0.9 * 3 * pages
+    assert sum(tuned["faults"][8:]) < pages, tuned["faults"]

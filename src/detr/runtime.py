@@ -6,8 +6,9 @@ operating system when it is freed, so the next such block is mapped afresh and e
 first touch. A DETR-R50 at 800x1066 allocates dozens of such activations per image (a stage-1 feature
 map alone is 55 MB), and the faults cost more than some of the convolutions that write them (measured:
 a 1x1 convolution writing 55 MB took 37 ms with fresh pages and 12 ms with reused ones). Turning off
-mmap for large blocks and raising the trim threshold keeps freed memory in the process for reuse
-(most of the time: an aligned allocation can find a freed block a few bytes too small and grow the heap).
+mmap for large blocks and raising the trim threshold keeps freed memory in the process for reuse: the
+heap grows over the first steps (an aligned request can find a freed block a few bytes too small) until its
+free space holds a step's working set, and from then on nothing is mapped again.
 """
 
 from __future__ import annotations
