@@ -17,7 +17,7 @@ from detr.inference.predictor import Detector
 
 OPTIONS = ["--preset", "shapes-fast", "--hidden_dim", "32", "--nheads", "4", "--dim_feedforward", "64",
            "--enc_layers", "1", "--dec_layers", "2", "--num_queries", "5", "--backbone_widths", "8,16,32",
-           "--anchor_queries", "--two_stage", "--denoising", "2", "--query_groups", "2"]
+           "--anchor_queries", "--two_stage", "--no_encoder_content", "--denoising", "2", "--query_groups", "2"]
 SIZES = ["--train_scales", "64", "--val_scale", "64", "--max_size", "128", "--num_workers", "0", "--no_progress"]
 
 

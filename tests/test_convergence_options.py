@@ -37,6 +37,7 @@ OPTIONS = {
     "two_stage_ce": dataclasses.replace(tiny(QueryConfig(anchors=True, two_stage=True)), loss=detr.config.LossConfig(
         proposal_loss="ce")),
     "encoder_content": tiny(QueryConfig(anchors=True, two_stage=True, encoder_content=True, anchor_size=0.3)),
+    "look_forward_twice": tiny(QueryConfig(anchors=True, look_forward_twice=True, anchor_size=0.3)),
     "denoising": tiny(QueryConfig(anchors=True, denoising_groups=3)),
     "groups": tiny(QueryConfig(groups=3)),
     "everything": tiny(QueryConfig(anchors=True, two_stage=True, denoising_groups=2, groups=2)),
@@ -219,6 +220,25 @@ def test_encoder_content_queries_are_the_selected_tokens(batch):
     assert seen["content"].std(dim=1).min() > 0  # the queries differ, unlike learned-free zeros
 
 
+@pytest.mark.parametrize("two_stage", [False, True])
+def test_look_forward_twice_trains_the_previous_box_head_through_the_next_layer(batch, two_stage):
+    """Same weights, same boxes; only with the option does the last layer's box loss reach the first box head."""
+    grads, boxes = {}, {}
+    for lft in (False, True):
+        config = tiny(QueryConfig(anchors=True, two_stage=two_stage, look_forward_twice=lft, anchor_size=0.3))
+        torch.manual_seed(10)
+        model = detr.build_detr(config).train()
+        for head in model.anchor_queries.box_heads:  # away from the zero start, where no gradient passes back
+            torch.nn.init.normal_(head.layers[-1].weight, std=0.1)
+        out = model(batch.images)
+        boxes[lft] = out["pred_boxes"].detach()
+        out["pred_boxes"].sum().backward()  # the last layer's boxes only
+        grads[lft] = model.anchor_queries.box_heads[0].layers[-1].weight.grad
+    torch.testing.assert_close(boxes[True], boxes[False], rtol=0, atol=0)
+    assert grads[False] is None or grads[False].abs().sum() == 0
+    assert grads[True].abs().sum() > 0
+
+
 def test_proposal_cells_follow_the_unpadded_image():
     from detr.model.proposals import cell_boxes
 
@@ -289,6 +309,8 @@ def test_invalid_combinations_say_which_option_needs_which():
         QueryConfig(anchors=True, encoder_content=True)
     with pytest.raises(ValueError, match="extra groups would be copies of the first"):
         QueryConfig(anchors=True, two_stage=True, encoder_content=True, groups=2)
+    with pytest.raises(ValueError, match="look_forward_twice needs anchor-box queries.*--anchor_queries"):
+        QueryConfig(look_forward_twice=True)
     with pytest.raises(ValueError, match="denoising needs anchor-box queries"):
         QueryConfig(denoising_groups=2)
     with pytest.raises(ValueError, match="query_pos='input' is for learned queries"):
@@ -307,12 +329,14 @@ def test_cli_flags_build_the_options():
     parser = argparse.ArgumentParser()
     add_model_flags(parser)
     args = parser.parse_args(["--backbone", "small", "--backbone_widths", "16,32,64,128", "--backbone_depths",
-                              "0,1,1,1", "--anchor_queries", "--two_stage", "--encoder_content", "--denoising", "4",
+                              "0,1,1,1", "--anchor_queries", "--two_stage", "--encoder_content", "--look_forward_twice",
+                              "--denoising", "4",
                               "--proposal_loss", "ce", "--spatial_pos", "input", "--dim_feedforward", "0"])
     config = model_config_from_args(args, num_classes=7)
     assert config.backbone == BackboneConfig(name="small", norm="group_norm", frozen_stages=0,
                                              widths=(16, 32, 64, 128), depths=(0, 1, 1, 1))
-    assert config.queries == QueryConfig(anchors=True, two_stage=True, encoder_content=True, denoising_groups=4)
+    assert config.queries == QueryConfig(anchors=True, two_stage=True, encoder_content=True, look_forward_twice=True,
+                                         denoising_groups=4)
     assert config.loss.proposal_loss == "ce" and config.num_classes == 7
     assert config.transformer.spatial_pos == "input" and config.transformer.dim_feedforward == 0
     assert DetrConfig.from_dict(config.to_dict()) == config  # JSON-style round trip (tuples come back)

@@ -115,6 +115,10 @@ class QueryConfig:
     # Two-stage: the content queries are the selected tokens' projected encoder features, detached (RT-DETR;
     # Deformable DETR's two-stage also derives them from the proposals) instead of learned embeddings.
     encoder_content: bool = False
+    # Look forward twice (DINO): layer l's box loss also trains layer l-1's box head, through the undetached
+    # box_{l-1} inside box_l = sigmoid(delta_l + logit(box_{l-1})); the next layer's reference stays detached,
+    # so the forward pass is unchanged. Needs anchors.
+    look_forward_twice: bool = False
     # Initial width and height (normalized) of the learned anchors and of each encoder cell's proposal.
     anchor_size: float = 0.1
     # Denoising training (DN-DETR): noised ground-truth boxes and labels as extra query groups, isolated by
@@ -136,7 +140,10 @@ class QueryConfig:
         if self.encoder_content and self.groups > 1:
             raise ValueError("encoder_content gives every query group the same content and boxes (the same selected "
                              "tokens), so extra groups would be copies of the first: use --query_groups 1, or learned "
-                             "content (drop --encoder_content)")
+                             "content (drop --encoder_content; over a preset, --no_encoder_content)")
+        if self.look_forward_twice and not self.anchors:
+            raise ValueError("look_forward_twice needs anchor-box queries: it changes how their refined boxes are "
+                             "trained (queries.anchors=True, flag --anchor_queries)")
         if self.denoising_groups and not self.anchors:
             raise ValueError("denoising needs anchor-box queries: noised boxes enter as reference boxes "
                              "(queries.anchors=True, flag --anchor_queries)")
@@ -347,9 +354,10 @@ def preset(name: str, **overrides: Any) -> DetrConfig:
         "panoptic": DetrConfig(num_classes=250, masks=True),
         "shapes-small": shapes_small,
         # the demo's: the small stride-8 CNN, a third decoder layer, 20 anchor queries from two-stage selection
+        # with the selected tokens' features as their content
         "shapes-fast": shapes_small.with_transformer(dec_layers=3).replace(
             num_queries=20, backbone=BackboneConfig(name="small", norm="group_norm", frozen_stages=0),
-            queries=QueryConfig(anchors=True, two_stage=True, anchor_size=0.3),
+            queries=QueryConfig(anchors=True, two_stage=True, encoder_content=True, anchor_size=0.3),
         ),
     }
     if name not in presets:

@@ -5,7 +5,7 @@ for a wall-clock budget, then scores COCO AP on a fixed held-out split written t
 predictions of a few held-out images. The model is DETR with the convergence options that make this
 possible in minutes on a CPU (``preset("shapes-fast")``): a small stride-8 GroupNorm CNN instead of a
 stride-32 ResNet (16x16 encoder tokens instead of 4x4), anchor-box queries refined layer by layer, and
-two-stage query selection from the encoder's proposals.
+two-stage query selection from the encoder's proposals, whose features become the queries' content.
 
 ``shapes_task`` is shared with ``benchmarks/convergence.py``: the same stream, held-out split and scoring.
 """

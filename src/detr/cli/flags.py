@@ -39,7 +39,7 @@ MODEL_FLAGS: dict[str, tuple[str, str]] = {
     **{name: ("transformer", name) for name in ("enc_layers", "dec_layers", "dim_feedforward", "hidden_dim", "dropout",
                                                 "nheads", "pre_norm", "spatial_pos", "query_pos")},
     "anchor_queries": ("queries", "anchors"), "two_stage": ("queries", "two_stage"),
-    "encoder_content": ("queries", "encoder_content"),
+    "encoder_content": ("queries", "encoder_content"), "look_forward_twice": ("queries", "look_forward_twice"),
     "anchor_size": ("queries", "anchor_size"), "denoising": ("queries", "denoising_groups"),
     "label_noise": ("queries", "label_noise"), "box_noise": ("queries", "box_noise"),
     "query_groups": ("queries", "groups"),
@@ -88,6 +88,11 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
                    help="reference boxes from the top encoder proposals (needs --anchor_queries)")
     g.add_argument("--encoder_content", action="store_true", default=None,
                    help="content queries from the selected encoder tokens, not learned (RT-DETR; needs --two_stage)")
+    g.add_argument("--no_encoder_content", dest="encoder_content", action="store_false", default=None,
+                   help="learned content queries where a preset selects encoder content (shapes-fast)")
+    g.add_argument("--look_forward_twice", action="store_true", default=None,
+                   help="each layer's box loss also trains the previous layer's box head (DINO; needs "
+                        "--anchor_queries)")
     g.add_argument("--anchor_size", type=float, default=None,
                    help="initial width/height of anchors and proposals (normalized, default 0.1)")
     g.add_argument("--denoising", type=int, default=None, metavar="GROUPS",

@@ -77,7 +77,7 @@ class DETR(nn.Module):
             self.anchor_queries = AnchorQueries(
                 num_queries=all_queries, hidden_dim=hidden, num_layers=config.transformer.dec_layers,
                 learned_anchors=not q.two_stage, learned_content=q.two_stage and not q.encoder_content,
-                anchor_size=q.anchor_size,
+                anchor_size=q.anchor_size, look_forward_twice=q.look_forward_twice,
             )
         else:
             self.query_embed = nn.Embedding(all_queries, hidden)

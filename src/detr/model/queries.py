@@ -3,8 +3,9 @@
 Each query owns a reference box (cx, cy, w, h). Its positional query is an MLP of the box's sine
 embedding, so a query "looks" where its box is; each decoder layer predicts a correction in logit
 space, ``box_l = sigmoid(delta_l + logit(box_{l-1}))``, and the next layer starts from ``box_l``
-detached. The initial boxes are learned (``anchors``) or, with two-stage selection, come from the
-encoder's proposals; the content half of a query starts from zeros or from a learned embedding.
+detached (with ``look_forward_twice``, DINO, the ``box_{l-1}`` inside ``box_l`` keeps its gradient).
+The initial boxes are learned (``anchors``) or, with two-stage selection, come from the encoder's
+proposals; the content half of a query starts from zeros or from a learned embedding.
 """
 
 from __future__ import annotations
@@ -47,10 +48,11 @@ class AnchorQueries(nn.Module):
 
     def __init__(
         self, *, num_queries: int, hidden_dim: int, num_layers: int, learned_anchors: bool, learned_content: bool,
-        anchor_size: float,
+        anchor_size: float, look_forward_twice: bool = False,
     ) -> None:
         super().__init__()
         self.hidden_dim = hidden_dim
+        self.look_forward_twice = look_forward_twice
         self.position_head = MLP(2 * hidden_dim, hidden_dim, hidden_dim, 2)  # 4 coords x C/2 features in
         self.box_heads = nn.ModuleList(MLP(hidden_dim, hidden_dim, 4, 3) for _ in range(num_layers))
         for head in self.box_heads:  # each layer starts by keeping its reference box

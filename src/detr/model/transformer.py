@@ -190,20 +190,24 @@ class Decoder(nn.Module):
         boxes [L, B, Q, 4] (cxcywh): the refiner turns the current reference boxes [B, Q, 4] into each
         layer's positional queries and refines them from its output."""
         outputs, boxes = [], []
+        previous = reference  # the box a layer's delta refines; the reference without look-forward-twice
         for i, layer in enumerate(self.layers):
             if refiner is not None:
                 query_pos = refiner.position(reference)  # [B, Q, C]
             tgt = layer(tgt, memory, padding_mask, pos, query_pos, self_attn_mask)
             outputs.append(self.norm(tgt))
             if refiner is not None:
-                box = refiner.refine(i, outputs[-1], reference)
+                box = refiner.refine(i, outputs[-1], previous)
                 boxes.append(box)
                 reference = box.detach()  # each layer learns its own delta (Deformable DETR)
+                previous = box if refiner.look_forward_twice else reference  # DINO: box_l's loss reaches delta_{l-1}
         return torch.stack(outputs), (torch.stack(boxes) if boxes else None)
 
 
 class BoxRefiner(Protocol):
     """What the decoder asks of anchor-box queries (see ``detr.model.queries.AnchorQueries``)."""
+
+    look_forward_twice: bool
 
     def position(self, reference: Tensor) -> Tensor: ...
 
