@@ -330,8 +330,8 @@ def test_cli_flags_build_the_options():
     add_model_flags(parser)
     args = parser.parse_args(["--backbone", "small", "--backbone_widths", "16,32,64,128", "--backbone_depths",
                               "0,1,1,1", "--anchor_queries", "--two_stage", "--encoder_content", "--look_forward_twice",
-                              "--denoising", "4",
-                              "--proposal_loss", "ce", "--spatial_pos", "input", "--dim_feedforward", "0"])
+                              "--denoising", "4", "--proposal_loss", "ce", "--spatial_pos", "input",
+                              "--dim_feedforward", "0"])
     config = model_config_from_args(args, num_classes=7)
     assert config.backbone == BackboneConfig(name="small", norm="group_norm", frozen_stages=0,
                                              widths=(16, 32, 64, 128), depths=(0, 1, 1, 1))
