@@ -17,7 +17,7 @@ from detr.config import preset
 from detr.data import collate_detection, make_coco_transforms
 from detr.data.coco import CocoDetection
 from detr.data.shapes import generate_shapes
-from detr.demo import IMAGE_SIZE, draw_predictions
+from detr.demo import DEMO_INPUT, IMAGE_SIZE, draw_predictions
 from detr.engine.evaluate import evaluate
 from detr.inference.predictor import Detector
 from detr.inference.visualize import draw_detections
@@ -107,12 +107,12 @@ def test_demo_draws_predictions(tmp_path):
     data = generate_shapes(tmp_path / "shapes", num_train=2, num_val=3, image_size=64, seed=1)
     torch.manual_seed(0)
     model = build_detr(preset("shapes-small")).eval()
-    ckpt = save_checkpoint(model, tmp_path / "m.safetensors")
+    ckpt = save_checkpoint(model, tmp_path / "m.safetensors", input=DEMO_INPUT)  # as run_demo saves it
     drawn = draw_predictions(ckpt, data / "val2017", tmp_path / "pred", count=2, threshold=0.0)
     sources = sorted((data / "val2017").glob("*.png"))[:2]
     assert [p.name for p in drawn] == [p.name for p in sources]
-    # Each drawing is that image's detections (the checkpoint's, at the demo's size) drawn by
-    # draw_detections (whose pixels tests/test_visualize.py checks), then enlarged 3x.
+    # Each drawing is that image's detections (the checkpoint's, at the demo's size, which the checkpoint
+    # stores) drawn by draw_detections (whose pixels tests/test_visualize.py checks), then enlarged 3x.
     detector = Detector.from_checkpoint(ckpt, threshold=0.0, size=IMAGE_SIZE, max_size=2 * IMAGE_SIZE)
     for path, source in zip(drawn, sources, strict=True):
         image = detector.load(source)

@@ -26,6 +26,7 @@ from detr.export import ExportError, export_onnx
 from detr.model import backbone as backbone_module
 from detr.model.backbone import FrozenBatchNorm2d
 from detr.model.minimal import DemoConfig, DETRdemo
+from detr.preprocessing import InputConfig
 from detr.structures import ImageBatch
 
 TRACE_SIZE = (160, 192)  # every size the tests run differs from it
@@ -181,6 +182,24 @@ def test_cli_exports_a_checkpoint_file(tmp_path, capsys):
     assert max_abs(boxes, expected["pred_boxes"]) <= 1e-4
     with pytest.raises(InvalidArgument, match="invalid dimensions"):  # --static: the graph takes nothing else
         run_onnx(out, pixels=coco_image(4, (128, 96))[None])
+
+
+def test_cli_traces_at_the_checkpoints_input_size(tmp_path, capsys):
+    """No --height/--width: the example input is the size the checkpoint was trained at (short side 96, a 4:3
+    landscape width rounded up to 32), and the graph records that input's resize and normalization."""
+    spec = InputConfig(size=96, max_size=160, train_scales=(96,), mean=(0.5, 0.5, 0.5), std=(0.2, 0.2, 0.2))
+    checkpoint = save_checkpoint(small_model(num_classes=3, num_queries=5), tmp_path / "m.safetensors", input=spec)
+    out = tmp_path / "model.onnx"
+    args = _export_parser().parse_args(["export", "--checkpoint", str(checkpoint), str(out), "--static",
+                                        "--no_verify"])
+    assert args.func(args) == 0
+    assert graph_dims(out)["pixels"] == [1, 3, 96, 128]
+    props = {p.key: p.value for p in onnx.load(str(out), load_external_data=False).metadata_props}
+    assert InputConfig.from_dict(json.loads(props["detr.input"])) == spec
+    assert json.loads(props["detr.image_mean"]) == [0.5, 0.5, 0.5]
+    half = _export_parser().parse_args(["export", "--checkpoint", str(checkpoint), str(out), "--height", "96"])
+    with pytest.raises(SystemExit, match="both --height and --width"):
+        half.func(half)
 
 
 def test_cli_rejects_unknown_format(tmp_path, capsys):

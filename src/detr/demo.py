@@ -32,10 +32,13 @@ from .engine.log import JsonLog
 from .engine.stream import StreamResult, StreamSchedule, train_on_stream
 from .loss import SetCriterion
 from .model import build_detr
+from .preprocessing import InputConfig
 
 log = logging.getLogger(__name__)
 
 IMAGE_SIZE = 128
+# How the demo's model sees: trained and validated on 128-pixel images (stored in its checkpoint).
+DEMO_INPUT = InputConfig(size=IMAGE_SIZE, max_size=2 * IMAGE_SIZE, train_scales=(IMAGE_SIZE,))
 VAL_IMAGES = 128
 VAL_SEED = 0  # the held-out split is the same for every training seed
 # Shapes per image and their size (a fraction of the image side), for training and held-out images alike.
@@ -63,11 +66,10 @@ class ShapesEvaluator:
 
     def __init__(self, root: Path, batch_size: int = 32) -> None:
         from .data.coco import CocoDetection
-        from .data.transforms import make_coco_transforms
+        from .data.transforms import val_transform
 
-        transforms = make_coco_transforms("val", scales=[IMAGE_SIZE], max_size=2 * IMAGE_SIZE)
         self.dataset = CocoDetection(root / "val2017", root / "annotations" / "instances_val2017.json",
-                                     transforms=transforms)
+                                     transforms=val_transform(DEMO_INPUT))
         self.batch_size = batch_size
         self._batches: list[Any] | None = None
 
@@ -123,7 +125,8 @@ def run_demo(output_dir: str | Path = "outputs/demo", *, minutes: float | None =
     finally:
         log_file.close()
     names = {str(c["id"]): c["name"] for c in SHAPES_CATEGORIES}
-    checkpoint = save_checkpoint(result.evaluated, run_dir / "model.safetensors", metadata={"class_names": names})
+    checkpoint = save_checkpoint(result.evaluated, run_dir / "model.safetensors", metadata={"class_names": names},
+                                 input=DEMO_INPUT)
     drawn = draw_predictions(checkpoint, task.val_images, out / "predictions", draw)
     final = result.evaluations[-1]
     summary = {
@@ -142,7 +145,7 @@ def draw_predictions(checkpoint: Path, image_dir: Path, out_dir: Path, count: in
     from .inference.predictor import Detector
     from .inference.visualize import draw_detections
 
-    detector = Detector.from_checkpoint(checkpoint, threshold=threshold, size=IMAGE_SIZE, max_size=2 * IMAGE_SIZE)
+    detector = Detector.from_checkpoint(checkpoint, threshold=threshold)  # at the size the checkpoint stores
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     for path in sorted(image_dir.glob("*.png"))[:count]:

@@ -1,6 +1,7 @@
 """Export a detector to ONNX: ``export_onnx(model or checkpoint, "detr.onnx")`` and ``detr export``.
 
-The graph takes ``pixels`` [B, 3, H, W] (normalized with the ImageNet mean/std, as the model expects)
+The graph takes ``pixels`` [B, 3, H, W] (resized and normalized as the model was trained: the graph's
+``detr.input`` metadata holds the short side, the long-side cap and the mean/std, ImageNet's by default)
 and, when exported with ``padding_mask=True``, also ``padding_mask`` [B, H, W] bool (True = padding,
 as in ``ImageBatch``). Without it every image is taken as unpadded (the usual case: one image per
 call, or a batch of images of one size). Batch, height and width are dynamic unless ``dynamic=False``.
@@ -38,11 +39,11 @@ import torch
 from torch import Tensor, nn
 
 from .checkpoint import load_checkpoint
-from .data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from .files import atomic_write
 from .model.detr import DETR
 from .model.minimal import DETRdemo
 from .model.segmentation import DETRsegm
+from .preprocessing import InputConfig, resolve_input
 from .structures import ImageBatch
 
 log = logging.getLogger(__name__)
@@ -50,7 +51,7 @@ log = logging.getLogger(__name__)
 FORMATS = ("onnx",)
 DEFAULT_OPSET = 17  # the first with LayerNormalization; onnxruntime, TensorRT and OpenVINO all run it
 MIN_OPSET = 14  # scaled_dot_product_attention has no ONNX translation before opset 14
-DEFAULT_IMAGE_SIZE = (800, 1088)  # a typical evaluation size (short side 800), a multiple of 32
+DEFAULT_IMAGE_SIZE = InputConfig().example_hw()  # (800, 1088): the reference's evaluation size, a multiple of 32
 VERIFY_TOLERANCE = 1e-3  # |onnx - torch| / max(|torch|, 1); a baked-in size gives errors of order 1
 
 
@@ -121,7 +122,7 @@ def _dynamic_axes(input_names: list[str], output_names: list[str]) -> dict[str, 
     return {name: axes[name] for name in input_names} | {name: outputs[name] for name in output_names}
 
 
-def _annotate(path: str, model: nn.Module, output_names: list[str]) -> None:
+def _annotate(path: str, model: nn.Module, output_names: list[str], spec: InputConfig) -> None:
     """Pin the query count in the output shapes (the tracer leaves it symbolic) and store what a
     consumer needs to prepare inputs and read outputs."""
     import onnx
@@ -133,8 +134,9 @@ def _annotate(path: str, model: nn.Module, output_names: list[str]) -> None:
             output.type.tensor_type.shape.dim[1].dim_value = num_queries
     onnx.helper.set_model_props(proto, {
         "detr.config": json.dumps(model.config.to_dict()),
-        "detr.image_mean": json.dumps(IMAGENET_MEAN),
-        "detr.image_std": json.dumps(IMAGENET_STD),
+        "detr.input": json.dumps(spec.to_dict()),  # resize a consumer should apply: short side, long-side cap
+        "detr.image_mean": json.dumps(spec.mean),
+        "detr.image_std": json.dumps(spec.std),
         "detr.pred_boxes": "cx, cy, w, h normalized by each image's unpadded size",
         "detr.pred_logits": "the last class is 'no object'; take the softmax over all K+1",
     })
@@ -199,7 +201,7 @@ def export_onnx(
     out_path: str | Path,
     *,
     opset: int = DEFAULT_OPSET,
-    image_size: tuple[int, int] = DEFAULT_IMAGE_SIZE,
+    image_size: tuple[int, int] | None = None,
     dynamic: bool = True,
     padding_mask: bool = False,
     verify: bool = True,
@@ -209,7 +211,9 @@ def export_onnx(
     Graph inputs: ``pixels`` [B, 3, H, W] float32, normalized; with ``padding_mask=True`` also
     ``padding_mask`` [B, H, W] bool (True = padding), for padded batches of images of different sizes.
     Outputs: ``pred_logits`` [B, Q, K+1], ``pred_boxes`` [B, Q, 4] (normalized cxcywh), and
-    ``pred_masks`` [B, Q, H/4, W/4] for DETRsegm. ``image_size`` (H, W) is the size traced; with
+    ``pred_masks`` [B, Q, H/4, W/4] for DETRsegm. ``image_size`` (H, W) is the size traced (default: a
+    landscape image at the checkpoint's input size, ``InputConfig.example_hw``; 800 x 1088 for one that
+    does not say), recorded with the input's resize and normalization in the graph's ``detr.input``; with
     ``dynamic`` (the default) batch, height and width are free, otherwise the graph takes only a
     [1, 3, H, W] input. ``verify`` compares onnxruntime with PyTorch before the file is put in place.
     The file is written atomically: a failure leaves any previous ``out_path`` untouched.
@@ -217,7 +221,9 @@ def export_onnx(
     _require(["onnx", "onnxruntime"] if verify else ["onnx"])
     model = _as_model(model_or_checkpoint_path)
     wrapper = OnnxDetector(model)
-    h, w = _check_arguments(model, opset, image_size)
+    spec, _ = resolve_input(getattr(model, "input_config", None))
+    h, w = _check_arguments(model, opset, image_size if image_size is not None else spec.example_hw())
+    log.info("tracing a %dx%d input", h, w)
     input_names = ["pixels"] + (["padding_mask"] if padding_mask else [])
     example: tuple[Tensor, ...] = (torch.zeros(1, 3, h, w),)
     if padding_mask:
@@ -236,7 +242,7 @@ def export_onnx(
                 dynamic_axes=_dynamic_axes(input_names, wrapper.output_names) if dynamic else None,
                 opset_version=opset, do_constant_folding=True, dynamo=False,
             )
-        _annotate(tmp, model, wrapper.output_names)
+        _annotate(tmp, model, wrapper.output_names, spec)
         if verify:
             inputs = _verification_inputs((h, w), dynamic, padding_mask)
             errors = _verify(tmp, wrapper, inputs, input_names)

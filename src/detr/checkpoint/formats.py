@@ -25,6 +25,7 @@ from torch import Tensor
 
 from ..config import DetrConfig
 from ..model.minimal import DemoConfig
+from ..preprocessing import InputConfig
 from .downloads import hash_prefix_of, sha256_of
 
 SAFE_GLOBALS = [argparse.Namespace]
@@ -65,6 +66,9 @@ class Checkpoint:
     demo_config: DemoConfig | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)  # optimizer, epoch... of training checkpoints
+    # The resize and normalization the model was trained with (ours); None: the file does not say, and the
+    # reference's 800 / 1333 with ImageNet statistics apply (the reference's and transformers' formats).
+    input: InputConfig | None = None
 
 
 # --- files -------------------------------------------------------------------------------------

@@ -85,6 +85,9 @@ def load_checkpoint(
 ) -> nn.Module:
     """Build the model a checkpoint describes and load its weights; eval mode, on the CPU.
 
+    The model's ``input_config`` attribute is the checkpoint's ``InputConfig`` (the resize and
+    normalization it was trained with; None when the file does not say: the reference's 800 / 1333).
+
     ``config`` gives the architecture for files that don't carry one (bare state dicts); for files
     that do, it overrides theirs. ``num_classes`` / ``dilation`` / ``nheads`` override single fields
     (DC5 and the head count leave no trace in the weights: for bare reference files they default to
@@ -98,6 +101,7 @@ def load_checkpoint(
             demo_config = DemoConfig(**{**demo_config.to_dict(), "nheads": nheads})
         model: nn.Module = DETRdemo(demo_config)
         load_weights(model, ckpt.state_dict)
+        model.input_config = ckpt.input
         return model.eval()
     target = config or ckpt.config
     if target is None:  # a bare state dict: the shapes tell most of the architecture
@@ -112,4 +116,5 @@ def load_checkpoint(
     fresh = load_weights(model, ckpt.state_dict, reinit_heads=reinit_heads)
     if fresh:
         log.info("re-initialized %s (checkpoint shapes differ from the requested model)", ", ".join(fresh))
+    model.input_config = ckpt.input
     return model.eval()

@@ -5,14 +5,17 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from ..export import DEFAULT_IMAGE_SIZE, DEFAULT_OPSET, FORMATS, MIN_OPSET, export_onnx
+from ..export import DEFAULT_OPSET, FORMATS, MIN_OPSET, export_onnx
 
 
 def cmd_export(args: argparse.Namespace) -> int:
     """``detr export``: a checkpoint file -> OUT.onnx."""
     if args.format not in FORMATS:  # argparse already refuses other choices; this guards direct calls
         raise ValueError(f"unknown export format {args.format!r}; supported: {', '.join(FORMATS)}")
-    out = export_onnx(args.checkpoint, args.output, opset=args.opset, image_size=(args.height, args.width),
+    if (args.height is None) != (args.width is None):
+        raise SystemExit("error: give both --height and --width, or neither (the checkpoint's input size)")
+    image_size = (args.height, args.width) if args.height is not None else None
+    out = export_onnx(args.checkpoint, args.output, opset=args.opset, image_size=image_size,
                       dynamic=not args.static, padding_mask=args.padding_mask, verify=args.verify)
     print(f"wrote {out}")
     return 0
@@ -25,9 +28,11 @@ def add_parsers(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, help="any checkpoint `detr eval` accepts")
     p.add_argument("--format", choices=FORMATS, default="onnx")
     p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (>= {MIN_OPSET})")
-    p.add_argument("--height", type=int, default=DEFAULT_IMAGE_SIZE[0],
-                   help="image height traced (with --static, the only height the graph accepts)")
-    p.add_argument("--width", type=int, default=DEFAULT_IMAGE_SIZE[1], help="image width traced")
+    p.add_argument("--height", type=int, default=None,
+                   help="image height traced (with --static, the only height the graph accepts; default: the "
+                        "checkpoint's input size, 800 for the reference's checkpoints)")
+    p.add_argument("--width", type=int, default=None,
+                   help="image width traced (default: a 4:3 landscape width at that height, a multiple of 32)")
     p.add_argument("--padding_mask", action="store_true",
                    help="add a padding_mask [B, H, W] input (True = padding) for padded batches")
     p.add_argument("--static", action="store_true", help="fix batch 1 and --height x --width in the graph")

@@ -161,8 +161,11 @@ def add_data_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--num_workers", type=int, default=2)
     g.add_argument("--train_scales", type=int, nargs="+", default=None,
                    help="short sides of the training resize (default 480..800 step 32)")
-    g.add_argument("--max_size", type=int, default=1333)
-    g.add_argument("--val_scale", type=int, default=None, help="short side at evaluation (default 800)")
+    g.add_argument("--max_size", type=int, default=None,
+                   help="cap on the long side (default 1333; detr eval: the checkpoint's)")
+    g.add_argument("--val_scale", type=int, default=None,
+                   help="short side at evaluation (default: the largest training scale, 800; detr eval: the "
+                        "checkpoint's)")
     g.add_argument("--skip_bad_images", action="store_true",
                    help="skip unreadable images (counted and reported) instead of stopping")
     g.add_argument("--no_augment", dest="augment", action="store_false",

@@ -64,8 +64,11 @@ def cmd_attention(args: argparse.Namespace) -> int:
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True, help="any checkpoint `detr convert` reads")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps")
-    p.add_argument("--size", type=int, default=800, help="short side of the resize (default 800)")
-    p.add_argument("--max_size", type=int, default=1333, help="cap on the long side (default 1333)")
+    p.add_argument("--size", type=int, default=None,
+                   help="short side of the resize (default: the checkpoint's training size; 800 for the "
+                        "reference's and transformers' checkpoints)")
+    p.add_argument("--max_size", type=int, default=None,
+                   help="cap on the long side (default: the checkpoint's; 1333 for the reference's)")
     p.add_argument("--class_names_from", default=None, metavar="JSON",
                    help="take class names from this dataset json's categories (default: the checkpoint's "
                         "metadata, or COCO's for 91-class models)")

@@ -25,12 +25,9 @@ from PIL import Image
 from torch import Tensor
 
 from detr.boxes import xyxy_to_cxcywh
+from detr.preprocessing import COCO_TRAIN_SCALES, IMAGENET_MEAN, IMAGENET_STD, InputConfig
 
 Target = dict[str, Any]
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-# The reference's training scales: short sides 480..800 in steps of 32.
-COCO_TRAIN_SCALES = tuple(range(480, 801, 32))
 
 
 class Transform(Protocol):
@@ -309,7 +306,8 @@ class Normalize:
         return f"Normalize(mean={self.mean}, std={self.std})"
 
 
-def make_coco_transforms(split: str, *, scales: Sequence[int] | None = None, max_size: int = 1333) -> Compose:
+def make_coco_transforms(split: str, *, scales: Sequence[int] | None = None, max_size: int | None = 1333,
+                         mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD) -> Compose:
     """The reference's COCO augmentation.
 
     train: horizontal flip, then either a resize to a short side in ``scales`` or
@@ -321,7 +319,7 @@ def make_coco_transforms(split: str, *, scales: Sequence[int] | None = None, max
     scales = list(COCO_TRAIN_SCALES if scales is None else scales)
     if not scales:
         raise ValueError("scales must not be empty")
-    normalize = [ToTensor(), Normalize()]
+    normalize = [ToTensor(), Normalize(mean, std)]
     if split == "train":
         ratio = max(scales) / 800
         crop_resizes = [400, 500, 600] if ratio == 1 else [max(1, round(s * ratio)) for s in (400, 500, 600)]
@@ -345,3 +343,8 @@ def make_coco_transforms(split: str, *, scales: Sequence[int] | None = None, max
     if split == "val":
         return Compose([RandomResize([max(scales)], max_size=max_size), *normalize])
     raise ValueError(f"unknown split {split!r}: expected 'train' or 'val'")
+
+
+def val_transform(spec: InputConfig) -> Compose:
+    """The evaluation resize and normalization of ``spec`` (what a checkpoint says it was validated with)."""
+    return make_coco_transforms("val", scales=[spec.size], max_size=spec.max_size, mean=spec.mean, std=spec.std)

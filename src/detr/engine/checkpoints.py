@@ -55,6 +55,7 @@ def save_training_checkpoint(path: Path, model: nn.Module, optimizer, scheduler,
     blob = {
         "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "config": model.config.to_dict(),
+        "input": options.data.input_config().to_dict(),
         "kind": "detr",
         "optimizer": optimizer.state_dict(),
         "lr_scheduler": scheduler.state_dict(),
@@ -75,6 +76,7 @@ def save_best_checkpoint(path: Path, model: nn.Module, best: dict[str, Any], opt
     blob = {
         "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "config": model.config.to_dict(),
+        "input": options.data.input_config().to_dict(),
         "kind": "detr",
         "epoch": best["epoch"],
         "best": best,

@@ -14,8 +14,9 @@ from ..data.batch import collate_detection
 from ..data.coco import CocoDetection, build_coco, coco_paths, load_coco
 from ..data.formats import category_count, detect_format, load_split
 from ..data.panoptic import CocoPanoptic
-from ..data.transforms import Transform, make_coco_transforms
+from ..data.transforms import Transform, make_coco_transforms, val_transform
 from ..distributed import DistInfo
+from ..preprocessing import InputConfig
 from .options import DataOptions
 
 
@@ -58,19 +59,22 @@ def training_num_classes(data: DataOptions) -> int:
     return category_count(split_paths(data, "train")[1])
 
 
-def transforms_for(data: DataOptions, *, train_augment: bool) -> Transform:
-    """The reference's training augmentation, or its evaluation resize."""
+def transforms_for(data: DataOptions, *, train_augment: bool, input: InputConfig | None = None) -> Transform:
+    """The reference's training augmentation, or the evaluation resize: ``input`` (a checkpoint's, at
+    evaluation), else the one the data options train at."""
+    spec = data.input_config()
     if train_augment and data.augment:
-        return make_coco_transforms("train", scales=data.train_scales, max_size=data.max_size)
-    val_scales = [data.val_scale] if data.val_scale else data.train_scales
-    return make_coco_transforms("val", scales=val_scales, max_size=data.max_size)
+        return make_coco_transforms("train", scales=data.train_scales, max_size=spec.max_size)
+    return val_transform(input or spec)
 
 
 def build_dataset(
-    data: DataOptions, split: str, *, train_augment: bool, masks: bool, seed: int = 42
+    data: DataOptions, split: str, *, train_augment: bool, masks: bool, seed: int = 42,
+    input: InputConfig | None = None,
 ) -> CocoDetection | CocoPanoptic:
-    """The ``split`` dataset of ``data.dataset_file``, with training or evaluation transforms."""
-    transforms = transforms_for(data, train_augment=train_augment)
+    """The ``split`` dataset of ``data.dataset_file``, with training or evaluation transforms (``input``: the
+    evaluation resize to use instead of the data options')."""
+    transforms = transforms_for(data, train_augment=train_augment, input=input)
     if data.dataset_file == "coco_panoptic":
         return _build_panoptic(data, split, transforms, masks, seed)
     custom = data.train_images if split == "train" else data.val_images

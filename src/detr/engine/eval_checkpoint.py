@@ -8,13 +8,14 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from ..checkpoint import load_checkpoint
+from ..checkpoint import load_checkpoint, read_checkpoint
 from ..coco_panoptic import coco_panoptic_paths, panoptic_root
 from ..data.coco import load_coco
 from ..data.panoptic import CocoPanoptic
 from ..distributed import init_distributed
 from ..model.fuse import compile_for_inference, optimize_for_inference
 from ..model.segmentation import DETRsegm
+from ..preprocessing import InputConfig, resolve_input
 from ..runtime import amp_dtype
 from .data import build_dataset, build_loader, instances_json, transforms_for
 from .evaluate import evaluate
@@ -31,18 +32,28 @@ def _write_metrics(result: dict[str, Any], output_dir: str | Path | None, is_mai
         (out / "metrics.json").write_text(json.dumps(result, indent=1))
 
 
+def _load(checkpoint: str | Path, data: DataOptions) -> tuple[Any, InputConfig]:
+    """The model, and the evaluation input: the checkpoint's, unless ``--val_scale`` / ``--max_size`` say."""
+    ckpt = read_checkpoint(checkpoint)
+    spec, _ = resolve_input(ckpt.input, size=data.val_scale, max_size=data.max_size,
+                            what=f"the checkpoint {checkpoint}")
+    return load_checkpoint(checkpoint, checkpoint=ckpt), spec
+
+
 def evaluate_checkpoint(
     checkpoint: str | Path, data: DataOptions, *, device: str = "cpu", precision: str | None = None,
     compile: bool = False, progress: bool = True, output_dir: str | Path | None = None,
 ) -> dict[str, Any]:
     """COCO AP (bbox, and segm for a panoptic checkpoint) of ``checkpoint`` on ``data``'s val split, with
-    the inference rewrites of ``optimize_for_inference``; writes ``output_dir``/metrics.json."""
+    the inference rewrites of ``optimize_for_inference``; writes ``output_dir``/metrics.json. Images are resized
+    as the checkpoint was validated (its ``InputConfig``) unless ``data.val_scale`` / ``data.max_size`` are set."""
     info = init_distributed(device)
-    model = optimize_for_inference(load_checkpoint(checkpoint)).to(device)
+    loaded, spec = _load(checkpoint, data)
+    model = optimize_for_inference(loaded).to(device)
     masks = isinstance(model, DETRsegm)
     if compile:
         model = compile_for_inference(model)
-    dataset = build_dataset(data, "val", train_augment=False, masks=masks)
+    dataset = build_dataset(data, "val", train_augment=False, masks=masks, input=spec)
     loader = build_loader(dataset, data, info, train=False)
     result = evaluate(model, loader, coco_gt=dataset.coco, device=device,
                       iou_types=("bbox", "segm") if masks else ("bbox",), amp_dtype=amp_dtype(precision, device),
@@ -63,7 +74,8 @@ def evaluate_panoptic_checkpoint(
     ``data.coco_path``/val2017. Predictions and metrics.json go to ``output_dir``.
     """
     info = init_distributed(device)
-    model = optimize_for_inference(load_checkpoint(checkpoint)).to(device)
+    loaded, spec = _load(checkpoint, data)
+    model = optimize_for_inference(loaded).to(device)
     if not isinstance(model, DETRsegm):
         raise ValueError(f"--panoptic needs a panoptic checkpoint (with a mask head); {checkpoint} is a detector")
     if panoptic_json or panoptic_folder:
@@ -80,7 +92,7 @@ def evaluate_panoptic_checkpoint(
     else:
         raise ValueError("--panoptic needs the images: --val_images DIR or --coco_path DIR")
     dataset = CocoPanoptic(image_dir, gt_json, gt_folder, return_masks=False, skip_bad_images=data.skip_bad_images,
-                           transforms=transforms_for(data, train_augment=False))
+                           transforms=transforms_for(data, train_augment=False, input=spec))
     loader = build_loader(dataset, data, info, train=False)
     instances = instances_json(data)
     if instances is None:

@@ -10,6 +10,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..preprocessing import InputConfig
+
 DATASET_FILES = ("coco", "coco_panoptic")
 
 
@@ -31,7 +33,7 @@ class DataOptions:
     batch_size: int = 2
     num_workers: int = 2
     train_scales: list[int] | None = None  # short sides of the multi-scale augmentation (None: 480..800)
-    max_size: int = 1333
+    max_size: int | None = None  # cap on the long side (None: the reference's 1333; at evaluation, the checkpoint's)
     val_scale: int | None = None  # short side at evaluation (None: max of train_scales, 800 by default)
     skip_bad_images: bool = False
     augment: bool = True  # False: training images get the evaluation resize only (no flip, crop, scales)
@@ -39,6 +41,11 @@ class DataOptions:
     def __post_init__(self) -> None:
         if self.dataset_file not in DATASET_FILES:
             raise ValueError(f"unknown dataset_file {self.dataset_file!r}; choose from {DATASET_FILES}")
+
+    def input_config(self) -> InputConfig:
+        """The input a model trained with these options sees: stored in its checkpoints."""
+        return InputConfig.for_training(train_scales=self.train_scales, val_scale=self.val_scale,
+                                        max_size=self.max_size)
 
 
 @dataclass

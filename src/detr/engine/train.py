@@ -285,9 +285,11 @@ class _Run:
             return
         class_names = self.options.run.class_names or self.train_set.category_names
         names = {"class_names": {str(k): v for k, v in class_names.items()}}
-        save_checkpoint(self.model, self.out_dir / "model.safetensors", metadata=names)
+        spec = self.options.data.input_config()
+        save_checkpoint(self.model, self.out_dir / "model.safetensors", metadata=names, input=spec)
         if self.stepper.ema is not None:
-            save_checkpoint(self.stepper.ema.module, self.out_dir / "model_ema.safetensors", metadata=names)
+            save_checkpoint(self.stepper.ema.module, self.out_dir / "model_ema.safetensors", metadata=names,
+                            input=spec)
 
 
 def _evaluate(model: nn.Module, loader: Iterable, dataset: Any, device: torch.device, amp: torch.dtype | None,

@@ -4,9 +4,10 @@
     for det in detector("street.jpg"):
         print(det.name, det.score, det.box)          # box: xyxy in the image's pixels
 
-Images go through the reference's validation transform (short side ``size``, long side at most
-``max_size``, ImageNet normalization) and are batched ``batch_size`` at a time. As in the reference,
-a batch pads its images to a common size and the padding reaches the backbone's features, so with
+Images go through the validation transform the checkpoint was trained with (short side, cap on the long
+side, normalization: its ``InputConfig``; the reference's 800 / 1333 and ImageNet statistics for files
+that do not say), unless ``size`` / ``max_size`` say otherwise, and are batched ``batch_size`` at a time.
+As in the reference, a batch pads its images to a common size and the padding reaches the backbone's features, so with
 ``batch_size > 1`` an image's results depend (slightly) on which images share its batch.
 """
 
@@ -23,12 +24,13 @@ from torch import Tensor, nn
 
 from ..checkpoint import load_checkpoint, read_checkpoint
 from ..data.images import load_image
-from ..data.transforms import make_coco_transforms
+from ..data.transforms import val_transform
 from ..model.detr import DETR
 from ..model.fuse import compile_for_inference, optimize_for_inference
 from ..model.minimal import DETRdemo
 from ..model.segmentation import DETRsegm
 from ..postprocess import nms, postprocess_detections, postprocess_panoptic
+from ..preprocessing import InputConfig, resolve_input
 from ..runtime import amp_dtype
 from .names import COCO_LAST_THING_ID, ClassNames, resolve_class_names
 from .results import Detection, ImageInput, PanopticSegmentation
@@ -53,7 +55,9 @@ class Detector:
             (and 250-class panoptic) models, else ``str(id)``.
         device: where the model runs.
         threshold: keep detections with score > threshold.
-        size, max_size: the validation resize (short side, cap on the long side).
+        size, max_size: the validation resize (short side, cap on the long side); default: ``input``.
+        input: the resize and normalization the model was trained with; default: the model's
+            ``input_config`` (what ``load_checkpoint`` read from the file), else the reference's 800 / 1333.
         batch_size: images per forward pass. The default 1 makes each image's result independent of
             the others (a batch pads its images, and the padding reaches the backbone's features);
             larger batches are faster on a GPU.
@@ -75,8 +79,9 @@ class Detector:
         class_names: ClassNames | None = None,
         device: str | torch.device = "cpu",
         threshold: float = 0.7,
-        size: int = 800,
-        max_size: int = 1333,
+        size: int | None = None,
+        max_size: int | None = None,
+        input: InputConfig | None = None,
         batch_size: int = 1,
         nms_iou: float | None = None,
         panoptic_threshold: float = 0.85,
@@ -94,13 +99,15 @@ class Detector:
         self._autocast_dtype = amp_dtype(precision, self.device)  # None for fp32; checks the value
         self.model = (optimize_for_inference(model) if optimize else model).to(self.device).eval()
         self.threshold = threshold
-        self.size, self.max_size = size, max_size
+        stored = input if input is not None else getattr(model, "input_config", None)
+        self.input, self.input_origin = resolve_input(stored, size=size, max_size=max_size)
+        self.size, self.max_size = self.input.size, self.input.max_size
         self.batch_size = batch_size
         self.nms_iou = nms_iou
         self.panoptic_threshold = panoptic_threshold
         self.is_thing = is_thing if is_thing is not None else (lambda category: category <= COCO_LAST_THING_ID)
         self.class_names = resolve_class_names(self.num_classes, explicit=class_names)
-        self._transform = make_coco_transforms("val", scales=[size], max_size=max_size)
+        self._transform = val_transform(self.input)
         self.compile = compile
         self._compiled: dict[int, nn.Module] = {}  # id(module) -> its compiled forward
 
