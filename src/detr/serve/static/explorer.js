@@ -265,7 +265,9 @@ function render() {
     ctx.strokeRect(x0, y0, x1 - x0, y1 - y0);
     if (showReference) {
       const [r0, q0, r1, q1] = state.data.reference_boxes[d.index].map((v) => Math.round(v * s));
-      ctx.save(); ctx.setLineDash([4, 4]); ctx.lineWidth = 1; ctx.strokeRect(r0, q0, r1 - r0, q1 - q0); ctx.restore();
+      ctx.save(); ctx.setLineDash([5, 4]); ctx.lineWidth = 2; // dashed black on white: visible on any image
+      ctx.strokeStyle = "#fff"; ctx.strokeRect(r0, q0, r1 - r0, q1 - q0);
+      ctx.lineDashOffset = 5; ctx.strokeStyle = "#000"; ctx.strokeRect(r0, q0, r1 - r0, q1 - q0); ctx.restore();
     }
     const text = `${d.name} ${d.score.toFixed(2)}`;
     ctx.font = "12px system-ui, sans-serif";
