@@ -93,6 +93,7 @@ def test_wheel_metadata(dist):
     assert b"Version 2.0, January 2004" in license_text and b"END OF TERMS AND CONDITIONS" in license_text
     assert top_level == ["detr"]
     assert sorted(n for n in names if n.endswith(".py")) == SOURCES
+    assert {f"detr/serve/static/{f}" for f in ("index.html", "explorer.js", "explorer.css")} <= names  # detr serve
     assert {n.split("/")[0] for n in names} == {"detr", info}
 
 

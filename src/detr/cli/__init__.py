@@ -1,5 +1,5 @@
 """``detr`` command line: train | eval | demo | plot | predict | attention | export | convert | data |
-eval-panoptic. The only argparse code of the package; each subcommand is a thin call into the Python API.
+eval-panoptic | serve. The only argparse code of the package; each subcommand is a thin call into the Python API.
 
 Flag names follow the reference implementation's main.py where it has one (``--coco_path --batch_size
 --lr --lr_backbone --lr_drop --epochs ...``).
@@ -11,7 +11,7 @@ import argparse
 import logging
 import sys
 
-from . import data, export, inference, train
+from . import data, export, inference, serve, train
 from .flags import add_data_flags, add_model_flags, model_config_from_args
 
 __all__ = ["add_data_flags", "add_model_flags", "build_parser", "main", "model_config_from_args", "run"]
@@ -20,7 +20,7 @@ __all__ = ["add_data_flags", "add_model_flags", "build_parser", "main", "model_c
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="detr", description="DETR: train, evaluate and run detectors")
     sub = parser.add_subparsers(dest="command", required=True)
-    for commands in (train, inference, export, data):
+    for commands in (train, inference, export, data, serve):
         commands.add_parsers(sub)
     return parser
 
