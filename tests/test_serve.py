@@ -27,6 +27,7 @@ from detr.coco_panoptic import rgb_to_segment_ids
 from detr.config import preset
 from detr.inference.predictor import Detector
 from detr.model import build_detr
+from detr.preprocessing import InputConfig
 from detr.serve import ServeOptions
 from detr.serve.server import host_warning
 from serve_helpers import SIZE, png, running, tiny_model, wait_for
@@ -343,12 +344,13 @@ def test_serve_flags_parse():
 
 
 def test_sigterm_finishes_in_flight_requests_and_refuses_new_ones(model, tmp_path):
-    checkpoint = save_checkpoint(model, tmp_path / "tiny.safetensors")
+    # The checkpoint records its input size; the command (no --size) serves at it.
+    checkpoint = save_checkpoint(model, tmp_path / "tiny.safetensors", input=InputConfig(96, 128))
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "DETR_API_KEY": "k3y"}
     # A batch waits 3 s for company: the first request stays in flight while the test sends SIGTERM.
     command = [sys.executable, "-m", "detr.cli", "serve", "--checkpoint", str(checkpoint), "--port", str(port),
-               "--size", "96", "--max_size", "128", "--max_batch", "2", "--batch_wait_ms", "3000", "--threshold", "0",
+               "--max_batch", "2", "--batch_wait_ms", "3000", "--threshold", "0",
                "--log_level", "warning"]
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
@@ -366,6 +368,8 @@ def test_sigterm_finishes_in_flight_requests_and_refuses_new_ones(model, tmp_pat
 
         wait_for(up, timeout=120, what="detr serve up")
         assert s.call("POST", "/v1/detect", IMAGE).status == 401  # DETR_API_KEY reached the server
+        served = s.call("GET", "/v1/model", headers={"Authorization": "Bearer k3y"}).json["inference"]
+        assert (served["size"], served["max_size"], served["input_from"]) == (96, 128, "the checkpoint")
         replies = {}
         slow = threading.Thread(target=lambda: replies.__setitem__("slow", s.call("POST", "/v1/detect", IMAGE, key)))
         slow.start()

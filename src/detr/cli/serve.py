@@ -37,8 +37,10 @@ def add_parsers(subparsers: Any) -> None:
     p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback; 0.0.0.0 warns)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps")
-    p.add_argument("--size", type=int, default=800, help="short side of the resize (default 800)")
-    p.add_argument("--max_size", type=int, default=1333, help="cap on the long side (default 1333)")
+    p.add_argument("--size", type=int, default=None,
+                   help="short side of the resize (default: the size the checkpoint was trained at, else 800)")
+    p.add_argument("--max_size", type=int, default=None,
+                   help="cap on the long side (default: the checkpoint's, else 1333)")
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
     p.add_argument("--class_names_from", default=None, metavar="JSON", help="class names from a dataset json")
     p.add_argument("--model_name", default=None, help="the name answers carry (default: the checkpoint's)")

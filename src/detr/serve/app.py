@@ -273,6 +273,7 @@ def create_app(detector: Detector, options: ServeOptions | None = None, *, model
             "anchor_queries": bool(getattr(model, "anchor_queries", None) is not None),
             "config": config.to_dict() if hasattr(config, "to_dict") else None,
             "inference": {"device": str(detector.device), "size": detector.size, "max_size": detector.max_size,
+                          "input": detector.input.to_dict(), "input_from": detector.input_origin,
                           "precision": detector.precision, "panoptic_threshold": detector.panoptic_threshold},
             "serve": {**served, "api_key": options.api_key is not None},
         })
