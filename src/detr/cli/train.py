@@ -106,6 +106,9 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--frozen_weights", default=None, help="panoptic stage 2: frozen detector weights")
     g.add_argument("--eval", action="store_true", help="only evaluate --resume on the val split")
     g.add_argument("--eval_every", type=int, default=1)
+    g.add_argument("--skip_memory_check", action="store_true",
+                   help="train even when a step's estimated peak memory (measured at small sizes before the "
+                        "first step, read at the largest batch) exceeds the device's free memory")
     g.add_argument("--tensorboard", action="store_true",
                    help="also write log.jsonl's scalars as TensorBoard events to OUTPUT/tensorboard "
                         "(needs the tensorboard package)")

@@ -78,6 +78,7 @@ class RunOptions:
     backbone_weights: str | None = None
     eval_every: int = 1  # epochs between evaluations (0: only at the end)
     progress: bool = True
+    skip_memory_check: bool = False  # train even when the step's estimated peak memory exceeds the free memory
     tensorboard: bool = False  # also write log.jsonl's scalars as TensorBoard events (OUTPUT/tensorboard)
     class_names: dict[int, str] = field(default_factory=dict)
 

@@ -42,6 +42,7 @@ from .data import build_dataset, build_loader, panoptic_instances
 from .ema import ModelEMA
 from .initial_weights import init_weights
 from .log import JsonLog
+from .memory import PeakMemory, check_run_memory
 from .optim import build_optimizer, build_scheduler
 from .options import TrainOptions
 
@@ -200,6 +201,9 @@ class _Run:
         model.to(device)
         optimizer = build_optimizer(model, lr=optim.lr, lr_backbone=optim.lr_backbone, weight_decay=optim.weight_decay)
         autocast_dtype = amp_dtype(optim.amp, device)
+        if not run.skip_memory_check:  # before any step: a configuration that cannot fit is refused, not killed
+            check_run_memory(model, config.backbone.output_stride, data.batch_size, data.max_size, device,
+                             autocast_dtype, config.transformer.dropout)
         train_model: nn.Module = model
         if info.enabled:
             # Denoising queries exist only when a batch has objects: their label embedding may sit out a step.
@@ -250,13 +254,16 @@ class _Run:
         run, main = self.options.run, self.info.is_main
         self.train_loader.sampler.set_epoch(epoch)
         self.train_set.set_epoch(epoch)
+        peak = PeakMemory(self.device)
+        peak.reset()
         stats = train_one_epoch(self.stepper, self.train_loader, epoch=epoch, log_file=self.log_file,
                                 progress=run.progress and main, step_offset=epoch * len(self.train_loader))
         self.scheduler.step()
         if main:
             save_training_checkpoint(self.out_dir / "checkpoint.pth", self.model, self.stepper.optimizer,
                                      self.scheduler, epoch, self.options, best=self.best, ema=self.stepper.ema)
-        record = {"type": "epoch", "epoch": epoch, **{f"train_{k}": v for k, v in stats.items()}}
+        record = {"type": "epoch", "epoch": epoch, **{f"train_{k}": v for k, v in stats.items()},
+                  "peak_memory_mib": round(peak.read() / 2**20, 1)}
         if epoch == self.options.optim.epochs - 1 or (run.eval_every and (epoch + 1) % run.eval_every == 0):
             record.update(self.evaluate(epoch))
         self.log_file.write(record)
@@ -324,4 +331,5 @@ def _evaluate(model: nn.Module, loader: Iterable, dataset: Any, device: torch.de
 def _summary(record: dict[str, Any]) -> str:
     keys = ["train_loss", "train_loss_ce", "train_loss_bbox", "train_loss_giou", "train_loss_mask", "train_loss_dice",
             "bbox_AP", "bbox_AP50", "segm_AP", "panoptic_PQ", "panoptic_PQ_th", "panoptic_PQ_st"]
-    return " ".join(f"{k}={record[k]:.4f}" for k in keys if k in record)
+    text = " ".join(f"{k}={record[k]:.4f}" for k in keys if k in record)
+    return f"{text} peak_memory={record['peak_memory_mib']:.0f}MiB" if "peak_memory_mib" in record else text
