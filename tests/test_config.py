@@ -116,3 +116,39 @@ def test_our_dict_round_trip_keeps_every_field():
     with pytest.raises(ValueError, match="unknown TransformerConfig fields"):
         DetrConfig.from_dict({**preset("r50").to_dict(), "transformer": {"hidden": 3}})
     assert dataclasses.replace(QueryConfig()) == QueryConfig()
+
+
+# A changed value per field type; strings name a valid alternative of their field.
+_OTHER_STRINGS = {"norm": "group_norm", "spatial_pos": "input", "query_pos": "input"}
+
+
+def test_every_field_the_reference_cannot_express_makes_a_config_not_vanilla():
+    # is_vanilla reads the fields themselves: a new option is not vanilla until someone says otherwise
+    from detr.config import _VANILLA_FREE_FIELDS
+
+    base = DetrConfig()
+    assert base.is_vanilla
+    checked = set()
+    for section in ("", "backbone", "transformer", "queries", "matcher", "loss"):
+        part = getattr(base, section) if section else base
+        for f in dataclasses.fields(part):
+            value = getattr(part, f.name)
+            if dataclasses.is_dataclass(value) or (section, f.name) in _VANILLA_FREE_FIELDS:
+                continue
+            if isinstance(value, bool):
+                other = not value
+            elif isinstance(value, float):
+                other = value / 2
+            elif isinstance(value, int):
+                other = value + 1
+            else:
+                other = _OTHER_STRINGS[f.name]  # a KeyError names a new string field: give it an alternative
+            try:
+                config = (dataclasses.replace(base, **{f.name: other}) if not section else
+                          dataclasses.replace(base, **{section: dataclasses.replace(part, **{f.name: other})}))
+            except ValueError:  # needs another option first (e.g. two_stage needs anchors): not alone
+                continue
+            assert not config.is_vanilla, (section, f.name)
+            checked.add(f.name)
+    # the rest (two_stage, denoising, ...) need anchor-box queries; anchors alone already is not vanilla
+    assert checked >= {"norm", "spatial_pos", "query_pos", "anchors", "anchor_size", "groups", "label_noise"}

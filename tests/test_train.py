@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import signal
@@ -16,11 +17,17 @@ import torch
 from conftest import free_port
 from detr.checkpoint import read_checkpoint
 from detr.config import preset
+from detr.data.batch import DetectionBatch
 from detr.data.shapes import generate_shapes
+from detr.distributed import wrap_for_training
 from detr.engine import train as train_module
+from detr.engine.optim import build_optimizer
 from detr.engine.options import TrainOptions
 from detr.engine.plot import plot_log
-from detr.engine.train import NonFiniteLossError, train
+from detr.engine.train import NonFiniteLossError, Stepper, train
+from detr.loss import SetCriterion
+from detr.model import build_detr
+from detr.structures import as_image_batch
 
 TINY = ["--preset", "shapes-small", "--hidden_dim", "32", "--dim_feedforward", "64", "--enc_layers", "1",
         "--dec_layers", "2", "--num_queries", "5", "--train_scales", "64", "--val_scale", "64", "--max_size", "128",
@@ -158,3 +165,40 @@ def test_finetune_from_other_class_count_reinitializes_head(shapes, tmp_path, mo
     tuned = read_checkpoint(tmp_path / "ft" / "model.safetensors")
     assert tuned.config.num_classes == 4
     assert tuned.metadata["class_names"] == {"1": "rectangle", "2": "ellipse", "3": "triangle"}
+
+
+def _denoising_ddp_worker(rank: int, world_size: int, store: str, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world_size,
+                                         timeout=datetime.timedelta(seconds=60))  # a mismatch fails, not hangs
+    try:
+        torch.manual_seed(0)  # the same initial weights on both processes
+        config = tiny_config().with_queries(anchors=True, denoising_groups=2)
+        model = build_detr(config)
+        optimizer = build_optimizer(model, lr=1e-4, lr_backbone=1e-5, weight_decay=1e-4)
+        stepper = Stepper(wrap_for_training(model, torch.device("cpu")), SetCriterion.from_config(config),
+                          optimizer, torch.device("cpu"))
+        torch.manual_seed(1 + rank)
+        # rank 0: an image with two objects; rank 1: a background image (no object at all)
+        objects = 2 if rank == 0 else 0
+        target = {"labels": torch.randint(1, config.num_classes, (objects,)),
+                  "boxes": torch.rand(objects, 4) * 0.4 + 0.3}
+        batch = DetectionBatch(as_image_batch([torch.rand(3, 64, 64)]), [target])
+        stats = [stepper.step(batch, f"step {i}") for i in range(2)]
+        weights = torch.cat([p.detach().flatten() for p in model.parameters()])
+        torch.save({"stats": stats, "weights": weights}, Path(out_dir, f"rank{rank}.pt"))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_ddp_with_denoising_and_a_batch_without_objects(tmp_path):
+    # Issue 19: a process whose local batch had no object reported no denoising terms, so the processes
+    # all-reduced lists of different lengths and gloo aborted ("Received data size doesn't match").
+    torch.multiprocessing.spawn(_denoising_ddp_worker, args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2)
+    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert rank0["stats"] == rank1["stats"]  # the same averaged terms, under the same names, on both processes
+    for step in rank0["stats"]:
+        # the real terms of rank 0 averaged with rank 1's zeros: present, finite, not zero
+        assert {"loss_ce_dn", "loss_bbox_dn", "loss_giou_dn", "loss_bbox_dn_0"} <= step.keys()
+        assert all(step[k] > 0 for k in ("loss_ce_dn", "loss_bbox_dn", "loss_giou_dn"))
+    assert torch.equal(rank0["weights"], rank1["weights"])  # gradients were averaged: the replicas stayed equal

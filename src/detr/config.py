@@ -258,12 +258,21 @@ class DetrConfig:
 
     @property
     def is_vanilla(self) -> bool:
-        """True for the reference's architecture (what its checkpoints and parity tests cover)."""
-        t, b = self.transformer, self.backbone
-        # The reference's ResNet: FrozenBatchNorm, stem + layer1 frozen (or every stage, with lr_backbone 0).
-        reference_backbone = b.name != "small" and b.norm == "frozen_bn" and (b.frozen_stages == 1 or not b.trainable)
-        return (self.queries == QueryConfig() and reference_backbone and t.dim_feedforward > 0
-                and t.spatial_pos == "attention" and t.query_pos == "attention")
+        """True for the reference's architecture (what its checkpoints and parity tests cover): every field
+        the reference cannot express keeps its default, so a new option counts as not vanilla by itself."""
+        base = DetrConfig()
+        for section in ("", "backbone", "transformer", "queries", "matcher", "loss"):
+            ours, default = (getattr(self, section), getattr(base, section)) if section else (self, base)
+            for f in dataclasses.fields(ours):
+                value = getattr(ours, f.name)
+                if dataclasses.is_dataclass(value) or (section, f.name) in _VANILLA_FREE_FIELDS:
+                    continue
+                if value != getattr(default, f.name):
+                    return False
+        b = self.backbone
+        # The reference's ResNet: stem + layer1 frozen (or every stage, with lr_backbone 0).
+        reference_backbone = b.name != "small" and (b.frozen_stages == 1 or not b.trainable)
+        return reference_backbone and self.transformer.dim_feedforward > 0
 
 
 # --- the reference's argparse namespace ----------------------------------------------------
@@ -294,6 +303,12 @@ _REFERENCE_ARGS: dict[str, tuple[str, str]] = {
     "bbox_loss_coef": ("loss", "bbox"), "giou_loss_coef": ("loss", "giou"), "mask_loss_coef": ("loss", "mask"),
     "dice_loss_coef": ("loss", "dice"), "eos_coef": ("loss", "eos_coef"), "aux_loss": ("loss", "aux_loss"),
 }
+
+# Fields a vanilla config may set freely: the reference's arguments, the class count, and fields that only
+# act where vanilla is already excluded (the small backbone's shape, the two-stage proposals' loss).
+_VANILLA_FREE_FIELDS = {*_REFERENCE_ARGS.values(), ("", "num_classes"), ("backbone", "trainable"),
+                        ("backbone", "frozen_stages"), ("backbone", "widths"), ("backbone", "depths"),
+                        ("loss", "ce"), ("loss", "proposal_loss")}
 
 
 def from_reference_args(args: Any, num_classes: int | None = None) -> DetrConfig:

@@ -53,6 +53,19 @@ def current() -> DistInfo:
     return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)), dist.get_backend())
 
 
+def wrap_for_training(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """``model`` wrapped in DistributedDataParallel when processes work together, else itself.
+
+    Denoising queries are as many as the local batch's objects: for a batch of background images there are
+    none, and the label embedding sits out that process's step, which DDP must be told to expect."""
+    if not current().enabled:
+        return model
+    config = getattr(model, "config", None)
+    denoising = config is not None and config.queries.denoising_groups > 0
+    device_ids = [device.index] if device.type == "cuda" else None
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters=denoising)
+
+
 def broadcast_float(value: float) -> float:
     """Rank 0's value on every process (the value itself for one process)."""
     if world_size() == 1:

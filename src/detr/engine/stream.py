@@ -17,7 +17,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 
 from .. import distributed as dist_utils
 from ..data.batch import DetectionBatch
@@ -90,10 +89,7 @@ def train_on_stream(
     optimizer = build_optimizer(model, lr=schedule.lr, lr_backbone=lr_backbone, weight_decay=schedule.weight_decay)
     base_lrs = [group["lr"] for group in optimizer.param_groups]
     ema = ModelEMA(model, schedule.ema) if schedule.ema else None
-    train_model: nn.Module = model
-    if info.enabled:
-        train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                              find_unused_parameters=model.config.queries.denoising_groups > 0)
+    train_model = dist_utils.wrap_for_training(model, device)
     stepper = Stepper(train_model, criterion, optimizer, device, schedule.clip_max_norm, ema=ema)
     evaluated = ema.module if ema is not None else model
     bar = _ProgressBar(schedule) if progress and info.is_main else None

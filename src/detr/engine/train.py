@@ -19,7 +19,6 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 
 from .. import distributed as dist_utils
 from ..checkpoint import CheckpointError, load_weights, read_checkpoint, save_checkpoint
@@ -204,11 +203,7 @@ class _Run:
         if not run.skip_memory_check:  # before any step: a configuration that cannot fit is refused, not killed
             check_run_memory(model, config.backbone.output_stride, data.batch_size, data.max_size, device,
                              autocast_dtype, config.transformer.dropout)
-        train_model: nn.Module = model
-        if info.enabled:
-            # Denoising queries exist only when a batch has objects: their label embedding may sit out a step.
-            train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                                  find_unused_parameters=config.queries.denoising_groups > 0)
+        train_model = dist_utils.wrap_for_training(model, device)
         stepper = Stepper(
             train_model, SetCriterion.from_config(config).to(device), optimizer, device, optim.clip_max_norm,
             autocast_dtype, torch.amp.GradScaler("cuda") if autocast_dtype == torch.float16 else None,

@@ -252,6 +252,10 @@ class SetCriterion(nn.Module):
         terms = []
         for i in supervised:
             suffix = "_dn" if i == layers - 1 else f"_dn_{i}"
+            if not labels.numel():  # no object in this batch: zeros, so every process reports the same terms
+                zero = dn.pred_logits[i].sum() * 0  # still on the graph: backward reaches the same parameters
+                terms += [("loss_ce", suffix, zero), ("loss_bbox", suffix, zero), ("loss_giou", suffix, zero)]
+                continue
             pred = dn.pred_boxes[i][valid].float()  # [M, 4]
             giou = torch.diag(generalized_box_iou(cxcywh_to_xyxy(pred), cxcywh_to_xyxy(boxes)))
             terms += [

@@ -30,6 +30,10 @@ class DenoisingQueries:
     def size(self) -> int:
         return self.content.shape[1]
 
+    @property
+    def per_group(self) -> int:
+        return self.size // self.groups
+
 
 @dataclass
 class DenoisingOutputs:
@@ -41,15 +45,61 @@ class DenoisingOutputs:
     queries: DenoisingQueries
 
 
+@dataclass(frozen=True)
+class QueryLayout:
+    """Where each kind of query sits on the decoder's query axis: ``[denoising | main | extra groups]``.
+
+    Built once per forward from what that forward decodes; the model's slicing, its heads and the
+    self-attention mask all read it, so no one re-derives the layout by arithmetic.
+    """
+
+    num_queries: int  # Q, the main group
+    groups: int = 1  # matching groups (Group DETR), the main one included
+    dn_groups: int = 0  # denoising groups in this forward
+    dn_per_group: int = 0  # queries per denoising group: the batch's largest object count (may be 0)
+
+    @property
+    def dn_size(self) -> int:
+        return self.dn_groups * self.dn_per_group
+
+    @property
+    def main(self) -> slice:
+        return slice(self.dn_size, self.dn_size + self.num_queries)
+
+    @property
+    def sizes(self) -> list[int]:
+        """Consecutive segment sizes along the axis: each denoising group, then each matching group."""
+        return [self.dn_per_group] * self.dn_groups + [self.num_queries] * self.groups
+
+    @property
+    def has_training_queries(self) -> bool:
+        return self.dn_groups > 0 or self.groups > 1
+
+    def training_only(self, x: Tensor, dim: int) -> Tensor:
+        """The training-only queries of ``x`` along ``dim``: the denoising ones, then the extra groups
+        (the main group cut out), so that one head call scores them all."""
+        before, after = x.narrow(dim, 0, self.dn_size), x.narrow(dim, self.main.stop, x.shape[dim] - self.main.stop)
+        return torch.cat([before, after], dim=dim)
+
+    @property
+    def denoising_in_training_only(self) -> slice:
+        return slice(0, self.dn_size)
+
+    @property
+    def groups_in_training_only(self) -> list[slice]:
+        """Each extra group's slice of ``training_only``'s result."""
+        q, dn = self.num_queries, self.dn_size
+        return [slice(dn + g * q, dn + (g + 1) * q) for g in range(self.groups - 1)]
+
+
 def noised_queries(
     targets: Sequence[Mapping[str, Tensor]], *, groups: int, num_classes: int, label_noise: float,
     box_noise: float, label_embedding: nn.Embedding,
-) -> DenoisingQueries | None:
-    """The denoising queries of a batch, or None when no image has an object."""
+) -> DenoisingQueries:
+    """The denoising queries of a batch; none (N = 0) when no image has an object, so that every process of
+    a distributed run still decodes, and reports, the same denoising terms."""
     counts = [len(t["labels"]) for t in targets]
     most = max(counts, default=0)
-    if most == 0:
-        return None
     device = label_embedding.weight.device
     b, n = len(targets), groups * most
     labels = torch.full((b, n), num_classes, dtype=torch.int64, device=device)

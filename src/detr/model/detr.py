@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from ..config import DetrConfig
 from ..structures import ImageBatch, as_image_batch
 from .backbone import Backbone
-from .denoising import DenoisingOutputs, DenoisingQueries, group_attention_mask, noised_queries
+from .denoising import DenoisingOutputs, DenoisingQueries, QueryLayout, group_attention_mask, noised_queries
 from .mlp import MLP
 from .position import build_position_encoding
 from .proposals import EncoderProposals, Proposals
@@ -27,13 +27,14 @@ Targets = Sequence[Mapping[str, Tensor]]
 class TrainingQueries:
     """What the training-only queries decoded: the extra Group DETR groups and the denoising queries.
 
-    decoded / boxes: [L, B, T, C] / [L, B, T, 4] for the denoising queries followed by the extra groups.
+    decoded / boxes: [L, B, T, C] / [L, B, T, 4] for the denoising queries followed by the extra groups
+    (``layout.training_only``).
     """
 
     decoded: Tensor
     boxes: Tensor | None
     denoising: DenoisingQueries | None
-    extra_groups: int
+    layout: QueryLayout
 
 
 @dataclass
@@ -108,16 +109,13 @@ class DETR(nn.Module):
         b, c, h, w = projected.shape
         memory_map = memory.transpose(1, 2).reshape(b, c, h, w)
         features = DetrFeatures(stages, masks, projected, decoded, memory_map, boxes, queries.proposals)
-        extra = decoded.shape[2] - self.num_queries
-        if extra:  # training-only queries: denoising first, then the main group, then the extra groups
-            dn = queries.denoising.size if queries.denoising is not None else 0
-            main = slice(dn, dn + self.num_queries)
-            rest = torch.cat([decoded[:, :, :dn], decoded[:, :, main.stop:]], dim=2)
-            rest_boxes = None if boxes is None else torch.cat([boxes[:, :, :dn], boxes[:, :, main.stop:]], dim=2)
-            features.decoded = decoded[:, :, main]
-            features.boxes = None if boxes is None else boxes[:, :, main]
-            groups = (extra - dn) // self.num_queries
-            features.training_queries = TrainingQueries(rest, rest_boxes, queries.denoising, groups)
+        layout = queries.layout
+        if layout.has_training_queries:  # the main group goes on; the others are scored apart
+            rest = layout.training_only(decoded, dim=2)
+            rest_boxes = None if boxes is None else layout.training_only(boxes, dim=2)
+            features.decoded = decoded[:, :, layout.main]
+            features.boxes = None if boxes is None else boxes[:, :, layout.main]
+            features.training_queries = TrainingQueries(rest, rest_boxes, queries.denoising, layout)
         return features
 
     def _queries(self, memory: Tensor, padding_mask: Tensor, targets: Targets | None) -> DecoderQueries:
@@ -133,7 +131,8 @@ class DETR(nn.Module):
             position: Tensor | None = query_pos
             if self.config.transformer.query_pos == "input":  # ... or from the queries, added once
                 content, position = query_pos, None
-            return DecoderQueries(content, position, None, self._group_mask([num] * groups, 0, memory))
+            layout = QueryLayout(num, groups)
+            return DecoderQueries(content, position, None, self._group_mask(layout, memory), layout)
         content, reference = self.anchor_queries.initial(b, num * groups, memory)
         proposals = None
         if self.proposals is not None:
@@ -149,18 +148,18 @@ class DETR(nn.Module):
                 targets, groups=q.denoising_groups, num_classes=self.config.num_classes, label_noise=q.label_noise,
                 box_noise=q.box_noise, label_embedding=self.label_embedding,
             )
-        sizes = [num] * groups
+        layout = QueryLayout(num, groups)
         if denoising is not None:
             content = torch.cat([denoising.content.to(content.dtype), content], dim=1)
             reference = torch.cat([denoising.reference, reference], dim=1)
-            sizes = [denoising.size // q.denoising_groups] * q.denoising_groups + sizes
-        dn_groups = q.denoising_groups if denoising is not None else 0
-        attn_mask = self._group_mask(sizes, dn_groups, memory)
-        return DecoderQueries(content, None, reference, attn_mask, proposals, denoising)
+            layout = QueryLayout(num, groups, denoising.groups, denoising.per_group)
+        return DecoderQueries(content, None, reference, self._group_mask(layout, memory), layout, proposals,
+                              denoising)
 
     @staticmethod
-    def _group_mask(sizes: list[int], dn_groups: int, like: Tensor) -> Tensor | None:
-        return group_attention_mask(sizes, dn_groups, like.device) if len(sizes) > 1 else None
+    def _group_mask(layout: QueryLayout, like: Tensor) -> Tensor | None:
+        sizes = layout.sizes
+        return group_attention_mask(sizes, layout.dn_groups, like.device) if len(sizes) > 1 else None
 
     def _layer_outputs(self, logits: Tensor, boxes: Tensor) -> dict[str, Any]:
         """[L, B, Q, K+1] logits and [L, B, Q, 4] boxes -> the last layer's, with the others as aux_outputs."""
@@ -186,12 +185,12 @@ class DETR(nn.Module):
         if extra is not None:
             logits = self.class_embed(extra.decoded)  # [L, B, T, K+1]
             boxes = self._boxes(extra.decoded, extra.boxes)
-            dn = extra.denoising.size if extra.denoising is not None else 0
+            layout = extra.layout
             if extra.denoising is not None:
-                out["dn_outputs"] = DenoisingOutputs(logits[:, :, :dn], boxes[:, :, :dn], extra.denoising)
-            q = self.num_queries
-            groups = [slice(dn + g * q, dn + (g + 1) * q) for g in range(extra.extra_groups)]
-            out["group_outputs"] = [self._layer_outputs(logits[:, :, g], boxes[:, :, g]) for g in groups]
+                dn = layout.denoising_in_training_only
+                out["dn_outputs"] = DenoisingOutputs(logits[:, :, dn], boxes[:, :, dn], extra.denoising)
+            out["group_outputs"] = [self._layer_outputs(logits[:, :, g], boxes[:, :, g])
+                                    for g in layout.groups_in_training_only]
         return out
 
     def forward(self, images: Images, targets: Targets | None = None) -> dict[str, Any]:
@@ -205,5 +204,6 @@ class DecoderQueries:
     position: Tensor | None  # [B, T, C] positional queries of learned queries (None: anchors, or at the input)
     reference: Tensor | None  # [B, T, 4] reference boxes of anchor-box queries
     attn_mask: Tensor | None  # [T, T] True = may attend; None when every query may see every other
+    layout: QueryLayout
     proposals: Proposals | None = None
     denoising: DenoisingQueries | None = None

@@ -237,20 +237,3 @@ class Transformer(nn.Module):
         elif self.spatial_pos == "none":
             pos_seq = None
         return self.encoder(src, padding_mask.flatten(1), pos_seq), pos_seq
-
-    def forward(
-        self, src: Tensor, padding_mask: Tensor, query_embed: Tensor, pos: Tensor
-    ) -> tuple[Tensor, Tensor]:
-        """DETR's transformer with learned queries. src/pos [B, C, H, W], padding_mask [B, H, W],
-        query_embed [Q, C].
-
-        Returns (decoded [L, B, Q, C], memory [B, C, H, W]).
-        """
-        b, c, h, w = src.shape
-        memory, pos_seq = self.encode(src, padding_mask, pos)
-        query_pos = query_embed[None].expand(b, -1, -1)  # [B, Q, C]
-        tgt = torch.zeros_like(query_pos)  # the decoder starts from zeros; queries enter as positions
-        if self.query_pos == "input":  # ... or once, as the decoder's input
-            tgt, query_pos = query_pos, None
-        decoded, _ = self.decoder(tgt, memory, padding_mask.flatten(1), pos_seq, query_pos)
-        return decoded, memory.transpose(1, 2).reshape(b, c, h, w)
