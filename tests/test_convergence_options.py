@@ -172,6 +172,116 @@ def test_group_attention_mask_layout():
     assert allowed[9] == [0, 0, 0, 0, 0, 0, 0, 1, 1, 1]
 
 
+def test_noised_queries_move_the_truth_by_the_configured_noise():
+    """Many objects, so the noise's bounds and rates show: every box moves, within box_noise of its size, and
+    about label_noise of the labels are redrawn (a redraw keeps the label 1 time in K)."""
+    k, groups = 4, 4
+    label_noise, box_noise = QueryConfig().label_noise, QueryConfig().box_noise  # the defaults, 0.5 and 0.4
+    generator = torch.Generator().manual_seed(0)
+    targets = []
+    for count in (25, 13, 0, 20):  # different counts: padding slots, and an empty image
+        wh = 0.05 + 0.3 * torch.rand(count, 2, generator=generator)
+        centre = wh / 2 + (1 - wh) * torch.rand(count, 2, generator=generator)
+        targets.append({"labels": torch.randint(k, (count,), generator=generator),
+                        "boxes": torch.cat([centre, wh], dim=1)})
+    # one-hot embeddings: the content of a query is its (noisy) label, readable back
+    embedding = torch.nn.Embedding(k + 1, k + 1)
+    with torch.no_grad():
+        embedding.weight.copy_(torch.eye(k + 1))
+    torch.manual_seed(3)
+    q = denoising_module.noised_queries(targets, groups=groups, num_classes=k, label_noise=label_noise,
+                                        box_noise=box_noise, label_embedding=embedding)
+    most = 25
+    assert q.reference.shape == (4, groups * most, 4) and q.groups == groups
+    truth_boxes, truth_labels, noisy_labels = [], [], []
+    for i, t in enumerate(targets):
+        for g in range(groups):
+            slot = slice(g * most, g * most + len(t["labels"]))
+            # the truth to reconstruct is the ground truth, exactly; the reference is its noised copy
+            assert torch.equal(q.boxes[i, slot], t["boxes"]) and torch.equal(q.labels[i, slot], t["labels"])
+            assert q.valid[i, slot].all() and not q.valid[i, g * most + len(t["labels"]):(g + 1) * most].any()
+            truth_boxes.append(t["boxes"])
+            truth_labels.append(t["labels"])
+            noisy_labels.append(q.content[i, slot].argmax(-1))
+    truth = torch.cat(truth_boxes)  # [M, 4], M = groups * 58
+    noised = q.reference[q.valid]
+    assert torch.equal(q.labels[~q.valid], torch.full_like(q.labels[~q.valid], k))
+    # centres move by at most box_noise * half the size, sizes by at most box_noise * the size
+    bound = box_noise * torch.cat([truth[:, 2:] / 2, truth[:, 2:]], dim=1)
+    ratio = (noised - truth) / bound  # uniform in [-1, 1] per coordinate
+    assert ratio.abs().max() <= 1 + 1e-5
+    assert (noised - truth).abs().amax(dim=1).min() > 1e-4  # every box actually moved
+    assert ratio.abs().max() > 0.95 and ratio.abs().mean() == pytest.approx(0.5, abs=0.05)  # the full range
+    assert ratio.mean().abs() < 0.05  # unbiased
+    # the groups are noised independently
+    assert not torch.allclose(q.reference[:, :most], q.reference[:, most:2 * most])
+    labels, noisy = torch.cat(truth_labels), torch.cat(noisy_labels)
+    assert noisy.max() < k  # never the no-object class
+    changed = (noisy != labels).float().mean().item()
+    assert changed == pytest.approx(label_noise * (k - 1) / k, abs=0.05)
+
+
+def _giou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Generalized IoU of paired cxcywh boxes [M, 4], written out."""
+    def corners(x):
+        return x[:, 0] - x[:, 2] / 2, x[:, 1] - x[:, 3] / 2, x[:, 0] + x[:, 2] / 2, x[:, 1] + x[:, 3] / 2
+
+    ax0, ay0, ax1, ay1 = corners(a)
+    bx0, by0, bx1, by1 = corners(b)
+    inter_w = (torch.min(ax1, bx1) - torch.max(ax0, bx0)).clamp(min=0)
+    inter = inter_w * (torch.min(ay1, by1) - torch.max(ay0, by0)).clamp(min=0)
+    union = a[:, 2] * a[:, 3] + b[:, 2] * b[:, 3] - inter
+    hull = (torch.max(ax1, bx1) - torch.min(ax0, bx0)) * (torch.max(ay1, by1) - torch.min(ay0, by0))
+    return inter / union - (hull - union) / hull
+
+
+def test_denoising_queries_are_decoded_from_the_noise_and_scored_against_the_truth(batch):
+    config = OPTIONS["denoising"]
+    groups = config.queries.denoising_groups
+    torch.manual_seed(8)
+    model = detr.build_detr(config).train()
+    for head in model.anchor_queries.box_heads:  # predictions away from the references they start at
+        torch.nn.init.normal_(head.layers[-1].weight, std=0.1)
+    seen = {}
+    model.transformer.decoder.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.update(reference=kwargs["reference"]), with_kwargs=True)
+    torch.manual_seed(0)
+    out = model(batch.images, batch.targets)
+    dn = out["dn_outputs"]
+    q = dn.queries
+    # the decoder starts the denoising queries from the noised boxes, not from the truth
+    torch.testing.assert_close(seen["reference"][:, :q.size], q.reference, rtol=0, atol=0)
+    valid_ref = q.reference[q.valid]
+    assert (valid_ref - q.boxes[q.valid]).abs().amax(dim=1).min() > 1e-4
+    result = SetCriterion.from_config(config)(out, batch.targets)
+    # by hand: each image's g-th group holds its objects in order; the targets are the ground truth
+    most = max(len(t["labels"]) for t in batch.targets)
+    num_boxes = sum(len(t["labels"]) for t in batch.targets)
+    layers = dn.pred_boxes.shape[0]
+    for layer in range(layers):
+        pred_boxes, pred_logits, true_boxes, true_labels = [], [], [], []
+        for i, t in enumerate(batch.targets):
+            for g in range(groups):
+                slot = slice(g * most, g * most + len(t["labels"]))
+                pred_boxes.append(dn.pred_boxes[layer, i, slot])
+                pred_logits.append(dn.pred_logits[layer, i, slot])
+                true_boxes.append(t["boxes"])
+                true_labels.append(t["labels"])
+        pred, truth = torch.cat(pred_boxes).detach(), torch.cat(true_boxes)
+        logits, labels = torch.cat(pred_logits).detach(), torch.cat(true_labels)
+        suffix = "_dn" if layer == layers - 1 else f"_dn_{layer}"
+        normalizer = num_boxes * groups
+        expected = {
+            "loss_bbox": (pred - truth).abs().sum() / normalizer,
+            "loss_giou": (1 - _giou(pred, truth)).sum() / normalizer,
+            "loss_ce": -logits.log_softmax(-1).gather(1, labels[:, None]).mean(),
+        }
+        for name, value in expected.items():
+            torch.testing.assert_close(result.terms[name + suffix].detach(), value, rtol=0, atol=1e-6)
+        # ... and scoring against the noised boxes would differ by far more than that
+        assert ((pred - valid_ref.detach()).abs().sum() / normalizer - expected["loss_bbox"]).abs() > 1e-3
+
+
 def test_anchor_boxes_are_refined_layer_by_layer(batch):
     torch.manual_seed(6)
     model = detr.build_detr(OPTIONS["anchors"]).eval()
@@ -191,32 +301,71 @@ def test_anchor_boxes_are_refined_layer_by_layer(batch):
     assert (first - anchors).abs().max() > 1e-3
 
 
-def test_two_stage_references_are_the_top_proposals(batch):
+GRID = SIZE // 8  # the small backbone's stride-8 feature map: GRID x GRID encoder tokens
+PROPOSAL_DELTA = torch.tensor([0.3, -0.2, 0.5, -0.4])  # a known box-head output, the same for every token
+
+
+def _rig_proposals(model, chosen: torch.Tensor):
+    """Make the two-stage selection's answer known in advance: the class head is overridden so that the
+    tokens ``chosen`` [B, Q] are the object-like ones, in this order (rank r: class r % K at logit 10 - r; the
+    rest: no-object), and the box head outputs PROPOSAL_DELTA."""
+    k = model.config.num_classes
+    b, q = chosen.shape
+    logits = torch.full((b, GRID * GRID, k + 1), -5.0)
+    logits[..., k] = 5.0
+    for i in range(b):
+        for r in range(q):
+            # spread over classes, so ranking by one class (not the best one) would pick other tokens
+            logits[i, chosen[i, r], r % k] = 10.0 - r
+            logits[i, chosen[i, r], k] = -5.0
+    model.proposals.class_head.register_forward_hook(lambda module, args, out: logits.to(out.dtype))
+    with torch.no_grad():
+        model.proposals.box_head.layers[-1].weight.zero_()
+        model.proposals.box_head.layers[-1].bias.copy_(PROPOSAL_DELTA)
+
+
+def _expected_proposal_boxes(chosen: torch.Tensor, cell_size: float) -> torch.Tensor:
+    """[B, Q, 4] from first principles: token t is the cell (row t // GRID, column t % GRID), its box is centred
+    on the cell, cell_size wide and high, and moved by PROPOSAL_DELTA in logit space."""
+    row, col = (chosen // GRID).float(), (chosen % GRID).float()
+    cell = torch.stack([(col + 0.5) / GRID, (row + 0.5) / GRID, torch.full_like(col, cell_size),
+                        torch.full_like(col, cell_size)], dim=-1)
+    return (torch.logit(cell) + PROPOSAL_DELTA).sigmoid()
+
+
+@pytest.mark.parametrize("name", ["two_stage", "two_stage_ce"])
+def test_two_stage_references_are_the_top_proposals(batch, name):
     torch.manual_seed(7)
-    model = detr.build_detr(OPTIONS["two_stage"]).eval()
+    model = detr.build_detr(OPTIONS[name]).eval()
+    generator = torch.Generator().manual_seed(0)
+    chosen = torch.stack([torch.randperm(GRID * GRID, generator=generator)[:6] for _ in range(4)])  # [B, Q]
+    _rig_proposals(model, chosen)
+    seen = {}
+    model.transformer.decoder.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.update(reference=kwargs["reference"]), with_kwargs=True)
     with torch.no_grad():
         out = model(batch.images)
-    proposals = out["enc_outputs"]
-    score = model.proposals.objectness(proposals)
-    top = score.topk(6, dim=1).indices
-    expected = torch.gather(proposals.pred_boxes, 1, top[..., None].expand(-1, -1, 4))
+    expected = _expected_proposal_boxes(chosen, OPTIONS[name].queries.anchor_size)
+    assert out["enc_outputs"].valid.all() and out["enc_outputs"].pred_boxes.shape == (4, GRID * GRID, 4)
+    torch.testing.assert_close(seen["reference"], expected, rtol=0, atol=1e-6)
     # the first layer's box head starts at zero, so its boxes are its references
-    torch.testing.assert_close(out["aux_outputs"][0]["pred_boxes"], expected)
-    assert proposals.valid.all() and proposals.pred_boxes.shape == (4, (SIZE // 8) ** 2, 4)
+    torch.testing.assert_close(out["aux_outputs"][0]["pred_boxes"], expected, rtol=0, atol=1e-6)
 
 
 def test_encoder_content_queries_are_the_selected_tokens(batch):
     torch.manual_seed(7)
     model = detr.build_detr(OPTIONS["encoder_content"]).eval()
     assert model.anchor_queries.content is None  # nothing learned in its place
+    generator = torch.Generator().manual_seed(1)
+    chosen = torch.stack([torch.randperm(GRID * GRID, generator=generator)[:6] for _ in range(4)])  # [B, Q]
+    _rig_proposals(model, chosen)
     seen = {}
     model.transformer.decoder.register_forward_pre_hook(lambda module, args: seen.update(content=args[0]))
     with torch.no_grad():
         out = model(batch.images)
-    proposals = out["enc_outputs"]
-    top = model.proposals.objectness(proposals).topk(6, dim=1).indices  # [B, 6]
-    expected = torch.gather(proposals.hidden, 1, top[..., None].expand(-1, -1, proposals.hidden.shape[-1]))
-    torch.testing.assert_close(seen["content"], expected)
+    hidden = out["enc_outputs"].hidden  # [B, HW, C]
+    expected = torch.stack([hidden[i, chosen[i]] for i in range(4)])
+    torch.testing.assert_close(seen["content"], expected, rtol=0, atol=0)
     assert seen["content"].std(dim=1).min() > 0  # the queries differ, unlike learned-free zeros
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import functools
 import json
 import math
 
@@ -14,6 +16,7 @@ from detr.data.coco import CocoDetection
 from detr.data.shapes import ShapesParams, ShapesStream, generate_shapes
 from detr.data.transforms import make_coco_transforms
 from detr.demo import SHAPES
+from detr.engine import stream as stream_module
 from detr.engine.ema import ModelEMA
 from detr.engine.log import JsonLog
 from detr.engine.stream import StreamSchedule, train_on_stream
@@ -59,22 +62,38 @@ def test_step_budget_lr_drop_warmup_and_evaluations(tmp_path, monkeypatch):
         return stream.batch(first, count)
 
     lrs: list[float] = []
-    schedule = StreamSchedule(steps=10, batch_size=2, lr=1e-3, lr_drop=0.5, warmup_steps=4, eval_every_steps=4)
+    schedule = StreamSchedule(steps=10, batch_size=2, lr=1e-3, lr_drop=0.5, warmup_steps=4, eval_every_steps=4,
+                              ema=0.5)
+    # a one-update ramp: within 10 steps the average is well away from the raw weights
+    monkeypatch.setattr(stream_module, "ModelEMA", functools.partial(ModelEMA, warmup=1.0))
     torch.manual_seed(0)
     model = detr.build_detr(config)
+    probe = stream.batch(1_000_000, 2)  # held-out images the evaluation scores on
     evaluations: list[int] = []
+
+    def score(m: torch.nn.Module) -> float:
+        """A stand-in for AP that depends on every weight of the model it is given."""
+        was_training = m.training
+        m.eval()
+        with torch.no_grad():
+            out = m(probe.images)
+        m.train(was_training)
+        return float(out["pred_logits"].softmax(-1)[..., :-1].amax(-1).mean() + out["pred_boxes"].mean())
 
     def evaluate(m):
         lrs.append(0.0)
         evaluations.append(len(seen))
-        return {"AP": 0.0, "AP50": 0.0}
+        return {"AP": score(m), "AP50": 0.0}
 
     log = JsonLog(tmp_path / "log.jsonl")
     original_step = Stepper.step
+    raw_states = [copy.deepcopy(model.state_dict())]  # the raw weights before the first step and after each
 
     def spy(self, batch, where):
         lrs.append(self.optimizer.param_groups[0]["lr"])
-        return original_step(self, batch, where)
+        stats = original_step(self, batch, where)
+        raw_states.append(copy.deepcopy(model.state_dict()))
+        return stats
 
     monkeypatch.setattr(Stepper, "step", spy)
     try:
@@ -90,6 +109,22 @@ def test_step_budget_lr_drop_warmup_and_evaluations(tmp_path, monkeypatch):
     assert step_lrs == pytest.approx(expected)
     records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if r["type"] == "eval"] == [4, 8, 10]
+    # The evaluations scored the EMA, averaged here by hand from the raw weights after each step: n updates
+    # in, the decay is 0.5 * (1 - exp(-n)).
+    average = {k: v.clone() for k, v in raw_states[0].items()}
+    scratch = copy.deepcopy(model)
+    for n, state in enumerate(raw_states[1:], 1):
+        d = 0.5 * (1 - math.exp(-n))
+        for k, v in state.items():
+            average[k] = d * average[k] + (1 - d) * v if v.dtype.is_floating_point else v.clone()
+        if n in evaluations:
+            record = result.evaluations[evaluations.index(n)]
+            scratch.load_state_dict(average)
+            assert record["AP"] == pytest.approx(score(scratch), rel=1e-5, abs=1e-6)
+            scratch.load_state_dict(state)
+            assert abs(record["AP"] - score(scratch)) > 1e-3  # ... not the raw weights (they differ by > 1e-2 here)
+    for k, v in result.evaluated.state_dict().items():
+        torch.testing.assert_close(v, average[k])
 
 
 def test_ema_is_the_decayed_average():
