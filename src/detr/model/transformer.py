@@ -7,6 +7,8 @@ encodings are added to queries and keys (never values) in every attention of eve
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
 from typing import Protocol
 
 import torch
@@ -85,6 +87,16 @@ def _with_pos(x: Tensor, pos: Tensor | None) -> Tensor:
     return x if pos is None else x + pos
 
 
+def _residual(x: Tensor, sublayer: Callable[[Tensor], Tensor], norm: nn.Module, dropout: nn.Module,
+              pre_norm: bool) -> Tensor:
+    """One sublayer with its residual connection: ``x + dropout(sublayer(norm(x)))`` (pre-norm) or
+    ``norm(x + dropout(sublayer(x)))`` (post-norm, the paper's). Every layer is a sequence of these,
+    whatever its attention."""
+    if pre_norm:
+        return x + dropout(sublayer(norm(x)))
+    return norm(x + dropout(sublayer(x)))
+
+
 class EncoderLayer(nn.Module):
     """dim_feedforward = 0 leaves out the feed-forward network and its norm (the paper's Table 4)."""
 
@@ -103,18 +115,14 @@ class EncoderLayer(nn.Module):
         self.pre_norm = pre_norm
 
     def forward(self, src: Tensor, padding_mask: Tensor | None, pos: Tensor | None) -> Tensor:
-        if self.pre_norm:
-            x = self.norm1(src)
+        def attend(x: Tensor) -> Tensor:
             qk = _with_pos(x, pos)
-            src = src + self.dropout(self.self_attn(qk, qk, x, padding_mask)[0])
-            if not self.has_ffn:
-                return src
-            return src + self.dropout(_feed_forward(self, self.norm2(src)))
-        qk = _with_pos(src, pos)
-        src = self.norm1(src + self.dropout(self.self_attn(qk, qk, src, padding_mask)[0]))
-        if not self.has_ffn:
-            return src
-        return self.norm2(src + self.dropout(_feed_forward(self, src)))
+            return self.self_attn(qk, qk, x, padding_mask)[0]
+
+        src = _residual(src, attend, self.norm1, self.dropout, self.pre_norm)
+        if self.has_ffn:
+            src = _residual(src, partial(_feed_forward, self), self.norm2, self.dropout, self.pre_norm)
+        return src
 
 
 class DecoderLayer(nn.Module):
@@ -138,23 +146,19 @@ class DecoderLayer(nn.Module):
         query_pos: Tensor | None, self_attn_mask: Tensor | None = None,
     ) -> Tensor:
         memory_keys = _with_pos(memory, pos)
-        if self.pre_norm:
-            x = self.norm1(tgt)
+
+        def attend_queries(x: Tensor) -> Tensor:
             qk = _with_pos(x, query_pos)
-            tgt = tgt + self.dropout(self.self_attn(qk, qk, x, attn_mask=self_attn_mask)[0])
-            x = self.norm2(tgt)
-            cross = self.multihead_attn(_with_pos(x, query_pos), memory_keys, memory, padding_mask)[0]
-            tgt = tgt + self.dropout(cross)
-            if not self.has_ffn:
-                return tgt
-            return tgt + self.dropout(_feed_forward(self, self.norm3(tgt)))
-        qk = _with_pos(tgt, query_pos)
-        tgt = self.norm1(tgt + self.dropout(self.self_attn(qk, qk, tgt, attn_mask=self_attn_mask)[0]))
-        cross = self.multihead_attn(_with_pos(tgt, query_pos), memory_keys, memory, padding_mask)[0]
-        tgt = self.norm2(tgt + self.dropout(cross))
-        if not self.has_ffn:
-            return tgt
-        return self.norm3(tgt + self.dropout(_feed_forward(self, tgt)))
+            return self.self_attn(qk, qk, x, attn_mask=self_attn_mask)[0]
+
+        def attend_memory(x: Tensor) -> Tensor:
+            return self.multihead_attn(_with_pos(x, query_pos), memory_keys, memory, padding_mask)[0]
+
+        tgt = _residual(tgt, attend_queries, self.norm1, self.dropout, self.pre_norm)
+        tgt = _residual(tgt, attend_memory, self.norm2, self.dropout, self.pre_norm)
+        if self.has_ffn:
+            tgt = _residual(tgt, partial(_feed_forward, self), self.norm3, self.dropout, self.pre_norm)
+        return tgt
 
 
 def _stack(layer: type[EncoderLayer] | type[DecoderLayer], c: TransformerConfig, count: int) -> nn.ModuleList:
