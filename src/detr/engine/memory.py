@@ -119,7 +119,7 @@ def estimate_training_memory(
     was_training = model.training
     model.train()
     # two-stage selection needs at least as many tokens as queries (of every group)
-    config = getattr(getattr(model, "detr", model), "config", None)
+    config = getattr(model, "config", None)  # DETR and DETRsegm both carry it
     queries = config.num_queries * config.queries.groups if config is not None else 0
     first = max(PROBE_STEPS[0], math.ceil(math.sqrt(queries / 12)))
     grids = [(3 * k, 4 * k) for k in range(first, first + len(PROBE_STEPS))]
@@ -246,9 +246,9 @@ def local_processes() -> int:
 
 
 def check_run_memory(model: nn.Module, stride: int, batch_size: int, max_size: int | None,
-                     device: torch.device, amp: torch.dtype | None, dropout: float = 0.0) -> MemoryEstimate | None:
+                     device: torch.device, amp: torch.dtype | None, dropout: float = 0.0) -> MemoryEstimate:
     """Estimate a training step at the largest batch ``detr train`` can see and refuse (MemoryEstimateError)
-    what would not fit; None when this device's free memory is not known."""
+    what would not fit; where this device's free memory is not known, the estimate is only logged."""
     estimate = estimate_training_memory(model, stride=stride, batch_size=batch_size,
                                         image_hw=largest_batch_hw(max_size), device=device, amp=amp)
     available = available_memory(device)
