@@ -119,7 +119,7 @@ def test_our_dict_round_trip_keeps_every_field():
 
 
 # A changed value per field type; strings name a valid alternative of their field.
-_OTHER_STRINGS = {"norm": "group_norm", "spatial_pos": "input", "query_pos": "input"}
+_OTHER_STRINGS = {"norm": "group_norm", "spatial_pos": "input", "query_pos": "input", "class_loss": "focal"}
 
 
 def test_every_field_the_reference_cannot_express_makes_a_config_not_vanilla():
@@ -151,4 +151,4 @@ def test_every_field_the_reference_cannot_express_makes_a_config_not_vanilla():
             assert not config.is_vanilla, (section, f.name)
             checked.add(f.name)
     # the rest (two_stage, denoising, ...) need anchor-box queries; anchors alone already is not vanilla
-    assert checked >= {"norm", "spatial_pos", "query_pos", "anchors", "anchor_size", "groups", "label_noise"}
+    assert checked >= {"norm", "spatial_pos", "query_pos", "anchors", "anchor_size", "groups", "label_noise", "class_loss"}

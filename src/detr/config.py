@@ -20,6 +20,7 @@ BACKBONE_NORMS = ("frozen_bn", "group_norm")
 SPATIAL_POSITIONS = ("attention", "input", "none")
 QUERY_POSITIONS = ("attention", "input")
 PROPOSAL_LOSSES = ("focal", "ce")
+CLASS_LOSSES = ("ce", "focal")
 PRESETS = ("r50", "r50-dc5", "r101", "r101-dc5", "panoptic", "shapes-small", "shapes-fast")
 
 
@@ -175,10 +176,22 @@ class LossConfig:
     # Class loss of the two-stage encoder proposals: sigmoid focal loss (Deformable DETR), or DETR's
     # weighted cross-entropy, whose mean over hundreds of token slots leaves the positives little weight.
     proposal_loss: str = "focal"
+    # Class loss of the decoder's predictions: DETR's softmax cross-entropy over K classes + "no object", or
+    # sigmoid focal loss over K classes without a "no object" class (Deformable DETR, DINO): the class head
+    # then has K outputs, the matcher uses the focal cost and post-processing ranks the top Q x K scores.
+    class_loss: str = "ce"
+    focal_alpha: float = 0.25
+    focal_gamma: float = 2.0
 
     def __post_init__(self) -> None:
         if self.proposal_loss not in PROPOSAL_LOSSES:
             raise ValueError(f"proposal_loss must be one of {PROPOSAL_LOSSES}, got {self.proposal_loss!r}")
+        if self.class_loss not in CLASS_LOSSES:
+            raise ValueError(f"class_loss must be one of {CLASS_LOSSES}, got {self.class_loss!r}")
+
+    @property
+    def focal(self) -> bool:
+        return self.class_loss == "focal"
 
 
 @dataclass(frozen=True)
@@ -308,7 +321,8 @@ _REFERENCE_ARGS: dict[str, tuple[str, str]] = {
 # act where vanilla is already excluded (the small backbone's shape, the two-stage proposals' loss).
 _VANILLA_FREE_FIELDS = {*_REFERENCE_ARGS.values(), ("", "num_classes"), ("backbone", "trainable"),
                         ("backbone", "frozen_stages"), ("backbone", "widths"), ("backbone", "depths"),
-                        ("loss", "ce"), ("loss", "proposal_loss")}
+                        ("loss", "ce"), ("loss", "proposal_loss"),
+                        ("loss", "focal_alpha"), ("loss", "focal_gamma")}
 
 
 def from_reference_args(args: Any, num_classes: int | None = None) -> DetrConfig:

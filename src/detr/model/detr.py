@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -15,7 +16,7 @@ from .backbone import Backbone
 from .denoising import DenoisingOutputs, DenoisingQueries, QueryLayout, group_attention_mask, noised_queries
 from .mlp import MLP
 from .position import build_position_encoding
-from .proposals import EncoderProposals, Proposals
+from .proposals import PRIOR, EncoderProposals, Proposals
 from .queries import AnchorQueries
 from .transformer import Transformer
 
@@ -82,7 +83,10 @@ class DETR(nn.Module):
             )
         else:
             self.query_embed = nn.Embedding(all_queries, hidden)
-        self.class_embed = nn.Linear(hidden, config.num_classes + 1)
+        # K + 1 logits (softmax, the last is "no object"), or K sigmoid logits with focal loss
+        self.class_embed = nn.Linear(hidden, config.num_classes + (0 if config.loss.focal else 1))
+        if config.loss.focal:  # every query starts as background with probability 0.99 (RetinaNet's prior)
+            nn.init.constant_(self.class_embed.bias, -math.log((1 - PRIOR) / PRIOR))
         self.bbox_embed = None if q.anchors else MLP(hidden, hidden, 4, 3)  # anchors: per-layer heads
         self.proposals: EncoderProposals | None = None
         if q.two_stage:
