@@ -7,6 +7,7 @@ import dataclasses
 
 import pytest
 
+from detr.checkpoint.reference import from_reference_args, to_reference_args
 from detr.config import (
     BackboneConfig,
     DetrConfig,
@@ -14,9 +15,7 @@ from detr.config import (
     MatcherConfig,
     QueryConfig,
     TransformerConfig,
-    from_reference_args,
     preset,
-    to_reference_args,
 )
 
 # Every value the reference's flags set, away from its defaults.
@@ -119,7 +118,8 @@ def test_our_dict_round_trip_keeps_every_field():
 
 
 # A changed value per field type; strings name a valid alternative of their field.
-_OTHER_STRINGS = {"norm": "group_norm", "spatial_pos": "input", "query_pos": "input", "class_loss": "focal"}
+_OTHER_STRINGS = {"norm": "group_norm", "spatial_pos": "input", "query_pos": "input", "class_loss": "focal",
+                  "attention": "deformable"}
 
 
 def test_every_field_the_reference_cannot_express_makes_a_config_not_vanilla():
@@ -151,4 +151,5 @@ def test_every_field_the_reference_cannot_express_makes_a_config_not_vanilla():
             assert not config.is_vanilla, (section, f.name)
             checked.add(f.name)
     # the rest (two_stage, denoising, ...) need anchor-box queries; anchors alone already is not vanilla
-    assert checked >= {"norm", "spatial_pos", "query_pos", "anchors", "anchor_size", "groups", "label_noise", "class_loss"}
+    assert checked >= {"norm", "spatial_pos", "query_pos", "anchors", "anchor_size", "groups", "label_noise",
+                       "class_loss", "attention"}

@@ -10,7 +10,8 @@ import torch
 
 import detr
 from detr.checkpoint import load_checkpoint, save_checkpoint
-from detr.config import BackboneConfig, DetrConfig, QueryConfig, TransformerConfig, preset, to_reference_args
+from detr.checkpoint.reference import to_reference_args
+from detr.config import BackboneConfig, DetrConfig, QueryConfig, TransformerConfig, preset
 from detr.data.shapes import ShapesParams, ShapesStream
 from detr.export import export_onnx
 from detr.loss import SetCriterion
@@ -45,10 +46,15 @@ OPTIONS = {
     "spatial_pos_none": tiny(spatial_pos="none"),
     "query_pos_input": tiny(query_pos="input"),
     "no_ffn": tiny(dim_feedforward=0),
+    # multi-scale deformable attention: three levels (the small backbone's stride-4 and -8 stages + a stride-16 conv)
+    "deformable": tiny(attention="deformable").replace(num_feature_levels=3),
+    "deformable_refine": tiny(QueryConfig(box_refine=True), attention="deformable").replace(num_feature_levels=3),
+    "deformable_anchors": tiny(QueryConfig(anchors=True, two_stage=True, denoising_groups=2, groups=2, anchor_size=0.3),
+                               attention="deformable").replace(num_feature_levels=3),
 }
 # options that change the inference graph (the rest exist only in training)
 INFERENCE_OPTIONS = ["anchors", "two_stage", "encoder_content", "spatial_pos_input", "spatial_pos_none",
-                     "query_pos_input", "no_ffn"]
+                     "query_pos_input", "no_ffn", "deformable", "deformable_refine", "deformable_anchors"]
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +85,8 @@ def test_option_trains_every_parameter(name, batch):
         assert (term in result.terms) == present, term
     # Every weight is in the graph, and the option's own modules learn. (Not every weight moves yet: where the
     # decoder's content starts from zeros, its first self-attention sees identical values.)
-    own = ("anchor_queries.", "proposals.", "label_embedding.", "query_embed.", "class_embed.", "bbox_embed.")
+    own = ("anchor_queries.", "proposals.", "label_embedding.", "query_embed.", "class_embed.", "bbox_embed.",
+           "deformable_queries.", "input_proj.", "level_embed")
     for pname, param in model.named_parameters():
         assert param.grad is not None and torch.isfinite(param.grad).all(), f"{pname} gets no gradient"
         if pname.startswith(own):

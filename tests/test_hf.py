@@ -169,7 +169,7 @@ def _edited(src, dst, **changes):
 @pytest.mark.parametrize(
     ("changes", "message"),
     [
-        ({"model_type": "deformable_detr"}, "model_type 'deformable_detr' is not supported"),
+        ({"model_type": "rt_detr"}, "model_type 'rt_detr' is not supported"),
         ({"backbone_config": None, "use_timm_backbone": True}, "timm"),
         ({"backbone_config.model_type": "timm_backbone"}, "timm"),
         ({"backbone_config.downsample_in_bottleneck": True}, "backbone_config.downsample_in_bottleneck"),

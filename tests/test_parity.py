@@ -12,7 +12,7 @@ import torch
 
 import detr
 from detr.checkpoint import reference_key_to_ours
-from detr.config import from_reference_args
+from detr.checkpoint.reference import from_reference_args
 from detr.loss import HungarianMatcher, SetCriterion
 from detr.model.fuse import optimize_for_inference
 

@@ -1,7 +1,7 @@
 """Typed configuration of a DETR model, its matcher and its loss.
 
 Frozen dataclasses, one per concept, plus the presets of the paper and a tiny CPU preset. The CLI
-parses flags into these and stops there; ``from_reference_args`` / ``to_reference_args`` translate
+parses flags into these and stops there; ``detr.checkpoint.reference`` translates them
 to and from the ``args`` namespace stored in the reference implementation's checkpoints.
 """
 
@@ -19,9 +19,13 @@ BACKBONE_NORMS = ("frozen_bn", "group_norm")
 # every attention (DETR), once to the input only, or not at all.
 SPATIAL_POSITIONS = ("attention", "input", "none")
 QUERY_POSITIONS = ("attention", "input")
+# Attention of the encoder and of the decoder's cross-attention: DETR's full attention over every token,
+# or multi-scale deformable attention (Deformable DETR): a few learned sampling points per head and level.
+ATTENTIONS = ("full", "deformable")
 PROPOSAL_LOSSES = ("focal", "ce")
 CLASS_LOSSES = ("ce", "focal")
-PRESETS = ("r50", "r50-dc5", "r101", "r101-dc5", "panoptic", "shapes-small", "shapes-fast")
+PRESETS = ("r50", "r50-dc5", "r101", "r101-dc5", "panoptic", "shapes-small", "shapes-fast", "deformable-r50",
+           "deformable-r50-refine", "deformable-r50-two-stage")
 
 
 @dataclass(frozen=True)
@@ -83,6 +87,11 @@ class TransformerConfig:
     # The paper's ablations (Sec. 4.2). dim_feedforward = 0 removes the feed-forward networks (Table 4).
     spatial_pos: str = "attention"  # image positions: "attention" (every attention), "input" (once), "none"
     query_pos: str = "attention"  # learned query positions: "attention" (every decoder layer) or "input" (once)
+    # "full" (DETR) or "deformable" (Deformable DETR: encoder self-attention and decoder cross-attention
+    # sample n_points locations per head and feature level around a reference point; the decoder's
+    # self-attention stays full). Deformable DETR's layers have no final decoder norm (post-norm).
+    attention: str = "full"
+    n_points: int = 4  # deformable attention: sampling points per head and level
 
     def __post_init__(self) -> None:
         if self.hidden_dim % self.nheads:
@@ -95,6 +104,17 @@ class TransformerConfig:
             raise ValueError(f"spatial_pos must be one of {SPATIAL_POSITIONS}, got {self.spatial_pos!r}")
         if self.query_pos not in QUERY_POSITIONS:
             raise ValueError(f"query_pos must be one of {QUERY_POSITIONS}, got {self.query_pos!r}")
+        if self.attention not in ATTENTIONS:
+            raise ValueError(f"attention must be one of {ATTENTIONS}, got {self.attention!r}")
+        if self.n_points < 1:
+            raise ValueError(f"n_points must be >= 1, got {self.n_points}")
+        if self.attention == "deformable" and (self.spatial_pos != "attention" or self.query_pos != "attention"):
+            raise ValueError("deformable attention adds positions to its queries in every layer: it needs "
+                             "spatial_pos='attention' and query_pos='attention' (drop --spatial_pos/--query_pos)")
+
+    @property
+    def deformable(self) -> bool:
+        return self.attention == "deformable"
 
 
 @dataclass(frozen=True)
@@ -127,14 +147,26 @@ class QueryConfig:
     denoising_groups: int = 0
     label_noise: float = 0.5  # fraction of denoising labels flipped to a random class
     box_noise: float = 0.4  # centres move up to box_noise * w/2 (h/2); sizes scale by 1 +- box_noise
+    # Deformable DETR's iterative box refinement for its learned queries: one box (and class) head per
+    # decoder layer, each layer's box the next one's reference point, detached. The positional queries stay
+    # the learned embeddings (anchor-box queries, --anchor_queries, recompute them from the box instead).
+    # Needs deformable attention; with two_stage it is Deformable DETR's two-stage variant.
+    box_refine: bool = False
     # One-to-many supervision (Group DETR): groups - 1 extra sets of Q queries, each matched to the targets
     # on its own and blind to the others in self-attention. Training only: inference uses the first Q.
     groups: int = 1
 
     def __post_init__(self) -> None:
-        if self.two_stage and not self.anchors:
-            raise ValueError("two_stage needs anchor-box queries: the proposals become reference boxes "
-                             "(queries.anchors=True, flag --anchor_queries)")
+        if self.two_stage and not (self.anchors or self.box_refine):
+            raise ValueError("two_stage needs anchor-box queries (queries.anchors=True, flag --anchor_queries) or, "
+                             "with deformable attention, Deformable DETR's box refinement (flag --box_refine): "
+                             "the proposals become reference boxes that the decoder refines")
+        if self.box_refine and self.anchors:
+            raise ValueError("box_refine is Deformable DETR's refinement of learned queries; anchor-box queries "
+                             "(--anchor_queries) refine their boxes already: use one of the two")
+        if self.encoder_content and self.box_refine:
+            raise ValueError("encoder_content is for anchor-box queries: Deformable DETR's two-stage (--box_refine) "
+                             "derives content and positions from the selected proposals' boxes")
         if self.encoder_content and not self.two_stage:
             raise ValueError("encoder_content needs two-stage selection: the content comes from the selected "
                              "encoder tokens (queries.two_stage=True, flag --two_stage)")
@@ -199,6 +231,10 @@ class DetrConfig:
     num_classes: int = 91  # K: the class head has K + 1 outputs, the last one is "no object"
     num_queries: int = 100
     position_embedding: str = "sine"
+    # Feature maps the transformer sees. 1: the backbone's last stage (DETR). L > 1 (Deformable DETR: 4):
+    # the last L-1 backbone stages, then stride-2 3x3 convolutions on the last stage for the levels beyond
+    # them, each projected by a 1x1 conv + GroupNorm, with a learned level embedding. Needs deformable attention.
+    num_feature_levels: int = 1
     masks: bool = False  # panoptic variant: attention-map mask head on top of the detector
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     transformer: TransformerConfig = field(default_factory=TransformerConfig)
@@ -221,6 +257,20 @@ class DetrConfig:
         if self.queries.anchors and self.transformer.query_pos != "attention":
             raise ValueError("query_pos='input' is for learned queries: anchor-box queries recompute their "
                              "positional query from the refined box at every decoder layer")
+        deformable = self.transformer.deformable
+        if self.num_feature_levels < 1:
+            raise ValueError(f"num_feature_levels must be >= 1, got {self.num_feature_levels}")
+        if self.num_feature_levels > 1 and not deformable:
+            raise ValueError("several feature levels need deformable attention (full attention over the stride-8 "
+                             "tokens does not fit in memory at real image sizes): add --attention deformable")
+        if deformable and self.masks:
+            raise ValueError("the panoptic mask head reads full attention maps: masks=True needs attention='full'")
+        if deformable and self.transformer.hidden_dim % 32:
+            raise ValueError(f"deformable attention projects every level with GroupNorm(32): hidden_dim must be "
+                             f"divisible by 32, got {self.transformer.hidden_dim}")
+        if self.queries.box_refine and not deformable:
+            raise ValueError("box_refine refines Deformable DETR's reference points: it needs --attention deformable "
+                             "(with full attention, use anchor-box queries: --anchor_queries)")
         if self.queries.anchors and self.transformer.hidden_dim % 4:
             raise ValueError(f"anchor-box queries embed 4 box coordinates: hidden_dim must be divisible by 4, "
                              f"got {self.transformer.hidden_dim}")
@@ -290,23 +340,8 @@ class DetrConfig:
 
 # --- the reference's argparse namespace ----------------------------------------------------
 
-def _get(args: Any, name: str, default: Any) -> Any:
-    if isinstance(args, dict):
-        return args.get(name, default)
-    return getattr(args, name, default)
-
-
-def reference_num_classes(dataset_file: str) -> int:
-    """The reference's class count for a dataset name (used only when no class head is available)."""
-    if dataset_file == "coco":
-        return 91
-    if dataset_file == "coco_panoptic":
-        return 250
-    return 20
-
-
 # the reference's argument -> (section of DetrConfig, field); "" is DetrConfig itself
-_REFERENCE_ARGS: dict[str, tuple[str, str]] = {
+REFERENCE_ARGS: dict[str, tuple[str, str]] = {
     "num_queries": ("", "num_queries"), "position_embedding": ("", "position_embedding"), "masks": ("", "masks"),
     "backbone": ("backbone", "name"), "dilation": ("backbone", "dilation"),
     **{name: ("transformer", name) for name in ("hidden_dim", "nheads", "enc_layers", "dec_layers",
@@ -319,54 +354,19 @@ _REFERENCE_ARGS: dict[str, tuple[str, str]] = {
 
 # Fields a vanilla config may set freely: the reference's arguments, the class count, and fields that only
 # act where vanilla is already excluded (the small backbone's shape, the two-stage proposals' loss).
-_VANILLA_FREE_FIELDS = {*_REFERENCE_ARGS.values(), ("", "num_classes"), ("backbone", "trainable"),
+_VANILLA_FREE_FIELDS = {*REFERENCE_ARGS.values(), ("", "num_classes"), ("backbone", "trainable"),
                         ("backbone", "frozen_stages"), ("backbone", "widths"), ("backbone", "depths"),
                         ("loss", "ce"), ("loss", "proposal_loss"),
-                        ("loss", "focal_alpha"), ("loss", "focal_gamma")}
-
-
-def from_reference_args(args: Any, num_classes: int | None = None) -> DetrConfig:
-    """Build a config from the reference's ``args`` (argparse.Namespace or dict); arguments it lacks keep
-    our defaults, which are the reference's.
-
-    ``num_classes`` should come from the checkpoint's class head; the dataset-name rule of the
-    reference is only a fallback.
-    """
-    if num_classes is None:
-        num_classes = reference_num_classes(_get(args, "dataset_file", "coco"))
-    base = DetrConfig(num_classes=num_classes)
-    sections: dict[str, dict[str, Any]] = {"": {}, "backbone": {}, "transformer": {}, "matcher": {}, "loss": {}}
-    for arg, (section, name) in _REFERENCE_ARGS.items():
-        default = getattr(getattr(base, section) if section else base, name)
-        value = _get(args, arg, default)
-        sections[section][name] = type(default)(value)  # the reference stores some numbers as str or int
-    lr_backbone = _get(args, "lr_backbone", 1e-5)
-    sections["backbone"]["trainable"] = lr_backbone is None or float(lr_backbone) > 0
-    parts = {name: dataclasses.replace(getattr(base, name), **fields) for name, fields in sections.items() if name}
-    return dataclasses.replace(base, **sections[""], **parts)
-
-
-def to_reference_args(config: DetrConfig) -> dict[str, Any]:
-    """The reference's argument names and values for ``config`` (a plain dict).
-
-    Raises ValueError for a configuration the reference cannot build (the convergence options, the small
-    backbone, the ablations): its checkpoints would load as another model.
-    """
-    if not config.is_vanilla:
-        raise ValueError("the reference implementation has no flags for this configuration (convergence options, "
-                         "the small or a GroupNorm backbone, other frozen stages, or a transformer ablation); "
-                         "keep it in our .safetensors format")
-    args = {arg: getattr(getattr(config, section) if section else config, name)
-            for arg, (section, name) in _REFERENCE_ARGS.items()}
-    return {**args, "lr_backbone": 1e-5 if config.backbone.trainable else 0.0, "num_classes": config.num_classes,
-            "dataset_file": "coco_panoptic" if config.masks else "coco"}
+                        ("loss", "focal_alpha"), ("loss", "focal_gamma"),
+                        ("transformer", "n_points")}
 
 
 # --- presets -------------------------------------------------------------------------------
 
 def preset(name: str, **overrides: Any) -> DetrConfig:
     """Named configurations: r50, r50-dc5, r101, r101-dc5, panoptic (R50); shapes-small (a GroupNorm
-    ResNet-18 DETR for CPU experiments) and shapes-fast (the demo's: DETR with the convergence options)."""
+    ResNet-18 DETR for CPU experiments) and shapes-fast (the demo's: DETR with the convergence options);
+    deformable-r50 (Deformable DETR), -refine (with box refinement), -two-stage (box refinement + two-stage)."""
     shapes_small = DetrConfig(
         num_classes=4,
         num_queries=10,
@@ -374,6 +374,13 @@ def preset(name: str, **overrides: Any) -> DetrConfig:
         backbone=BackboneConfig(name="resnet18", norm="group_norm", frozen_stages=0),
         transformer=TransformerConfig(hidden_dim=128, nheads=8, enc_layers=2, dec_layers=2, dim_feedforward=256,
                                       dropout=0.0),
+    )
+    # Deformable DETR-R50 (Zhu et al. 2021): 4 levels, deformable attention, 300 queries, FFN 1024, focal
+    # classification with class cost and weight 2
+    deformable = DetrConfig(
+        num_queries=300, num_feature_levels=4,
+        transformer=TransformerConfig(dim_feedforward=1024, attention="deformable"),
+        matcher=MatcherConfig(cost_class=2.0), loss=LossConfig(ce=2.0, class_loss="focal"),
     )
     presets: dict[str, DetrConfig] = {
         "r50": DetrConfig(),
@@ -388,6 +395,9 @@ def preset(name: str, **overrides: Any) -> DetrConfig:
             num_queries=20, backbone=BackboneConfig(name="small", norm="group_norm", frozen_stages=0),
             queries=QueryConfig(anchors=True, two_stage=True, encoder_content=True, anchor_size=0.3),
         ),
+        "deformable-r50": deformable,
+        "deformable-r50-refine": deformable.with_queries(box_refine=True),
+        "deformable-r50-two-stage": deformable.with_queries(box_refine=True, two_stage=True),
     }
     if name not in presets:
         raise ValueError(f"unknown preset {name!r}; choose from {sorted(presets)}")

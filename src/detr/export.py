@@ -18,6 +18,8 @@ Python ints), so the mask resizing, the sine positions and the attention reshape
 The padding mask reaches the feature maps by an explicit nearest-index selection (``downsample_mask``)
 rather than ``F.interpolate``: ONNX's Resize computes nearest indices with other float rounding and
 picked other mask pixels for some sizes (e.g. a width of 150 -> 5).
+A deformable-attention model samples with ``grid_sample`` in the graph (opset 16+) and takes images of the
+traced size only (its feature levels' sizes are traced as constants); its batch stays free.
 Learned position embeddings cover feature maps up to 50x50; beyond that onnxruntime raises
 "invalid expand shape" (PyTorch raises a ValueError).
 
@@ -40,6 +42,7 @@ from torch import Tensor, nn
 
 from .checkpoint import load_checkpoint
 from .files import atomic_write
+from .model.deformable import MultiScaleDeformableAttention
 from .model.detr import DETR
 from .model.minimal import DETRdemo
 from .model.segmentation import DETRsegm
@@ -112,8 +115,11 @@ def _check_arguments(model: nn.Module, opset: int, image_size: Sequence[int]) ->
     return int(image_size[0]), int(image_size[1])
 
 
-def _dynamic_axes(input_names: list[str], output_names: list[str]) -> dict[str, dict[int, str]]:
+def _dynamic_axes(input_names: list[str], output_names: list[str],
+                  fixed_size: bool = False) -> dict[str, dict[int, str]]:
     axes = {"pixels": {0: "batch", 2: "height", 3: "width"}, "padding_mask": {0: "batch", 1: "height", 2: "width"}}
+    if fixed_size:  # only the batch is free
+        axes = {"pixels": {0: "batch"}, "padding_mask": {0: "batch"}}
     outputs = {
         "pred_logits": {0: "batch"},
         "pred_boxes": {0: "batch"},
@@ -149,11 +155,13 @@ def _another_side(n: int, offset: int) -> int:
     return n // 2 + offset if n >= 192 else n + 32 + offset
 
 
-def _verification_inputs(image_size: tuple[int, int], dynamic: bool, padding_mask: bool) -> tuple[Tensor, ...]:
-    """Random normalized images of another size than the traced one, a batch of 2 with the second image
-    padded when the graph is dynamic; the traced size and a batch of 1 otherwise."""
+def _verification_inputs(image_size: tuple[int, int], dynamic: bool, padding_mask: bool,
+                         fixed_size: bool = False) -> tuple[Tensor, ...]:
+    """Random normalized images of another size than the traced one (``fixed_size``: the traced one), a
+    batch of 2 with the second image padded when the graph is dynamic; the traced size and a batch of 1
+    otherwise."""
     h, w = image_size
-    if dynamic:
+    if dynamic and not fixed_size:
         h, w = _another_side(h, 3), _another_side(w, 13)
     batch = 2 if dynamic else 1
     generator = torch.Generator().manual_seed(0)
@@ -223,6 +231,12 @@ def export_onnx(
     wrapper = OnnxDetector(model)
     spec, _ = resolve_input(getattr(model, "input_config", None))
     h, w = _check_arguments(model, opset, image_size if image_size is not None else spec.example_hw())
+    deformable = isinstance(model, DETR) and model.deformable
+    if deformable and opset < 16:
+        raise ExportError(f"opset {opset} is too old: deformable attention samples with GridSample (opset 16)")
+    if deformable and dynamic:
+        log.info("deformable attention: the graph takes %dx%d images (its feature-level sizes are traced); "
+                 "the batch stays free", h, w)
     log.info("tracing a %dx%d input", h, w)
     input_names = ["pixels"] + (["padding_mask"] if padding_mask else [])
     example: tuple[Tensor, ...] = (torch.zeros(1, 3, h, w),)
@@ -239,20 +253,27 @@ def export_onnx(
                 warnings.filterwarnings("ignore", message=message, category=DeprecationWarning)
             torch.onnx.export(
                 wrapper, example, tmp, input_names=input_names, output_names=wrapper.output_names,
-                dynamic_axes=_dynamic_axes(input_names, wrapper.output_names) if dynamic else None,
+                dynamic_axes=_dynamic_axes(input_names, wrapper.output_names, deformable) if dynamic else None,
                 opset_version=opset, do_constant_folding=True, dynamo=False,
             )
         _annotate(tmp, model, wrapper.output_names, spec)
         if verify:
-            inputs = _verification_inputs((h, w), dynamic, padding_mask)
+            inputs = _verification_inputs((h, w), dynamic, padding_mask, fixed_size=deformable)
             errors = _verify(tmp, wrapper, inputs, input_names)
             log.info("verified on a %s input: %s", "x".join(map(str, inputs[0].shape)),
                      ", ".join(f"{k} max error {v:.2g}" for k, v in errors.items()))
 
     was_training = model.training
     model.eval()
+    # ONNX has GridSample but no weighted bag gather: sample with grid_sample while tracing
+    samplers = [m for m in model.modules() if isinstance(m, MultiScaleDeformableAttention)]
+    methods = [m.method for m in samplers]
     try:
+        for m in samplers:
+            m.method = "grid_sample"
         atomic_write(out_path, write)
     finally:
         model.train(was_training)
+        for m, method in zip(samplers, methods, strict=True):
+            m.method = method
     return out_path

@@ -257,7 +257,8 @@ def read_hf_checkpoint(path: str | Path) -> Checkpoint:
     if hf.get("model_type") != HF_MODEL_TYPE:
         raise CheckpointError(
             f"{cfg_file}: model_type {hf.get('model_type')!r} is not supported; only transformers' DETR "
-            f"(model_type 'detr': DetrForObjectDetection, DetrForSegmentation) is read"
+            f"(model_type 'detr': DetrForObjectDetection, DetrForSegmentation) and Deformable DETR "
+            f"(model_type 'deformable_detr': DeformableDetrForObjectDetection) are read"
         )
     _check_hf_backbone(hf, cfg_file)
     base = _hf_base_config(hf, cfg_file)

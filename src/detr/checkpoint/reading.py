@@ -7,11 +7,13 @@ Recognized inputs:
   ``model.safetensors`` + ``config.json``);
 - our training checkpoints (``{"model": ..., "config": {...}, "optimizer": ...}``);
 - a Hugging Face transformers ``save_pretrained`` directory of ``DetrForObjectDetection`` or
-  ``DetrForSegmentation`` with transformers' own ResNet (``use_timm_backbone=False``).
+  ``DetrForSegmentation`` with transformers' own ResNet (``use_timm_backbone=False``), or of
+  ``DeformableDetrForObjectDetection`` (either backbone layout).
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from torch import Tensor
@@ -19,6 +21,7 @@ from torch import Tensor
 from .downloads import locate
 from .formats import Checkpoint, OtherModelError, read_safetensors, safe_torch_load, state_dict_layout
 from .huggingface import is_hf_directory, read_hf_checkpoint
+from .huggingface_deformable import HF_DEFORMABLE_MODEL_TYPE, read_hf_deformable_checkpoint
 from .ours import FORMAT, from_metadata, from_training_checkpoint, read_directory
 from .reference import config_from_args, infer_demo_config, reference_to_ours
 
@@ -32,6 +35,9 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
     path = locate(path)
     if path.is_dir():
         if is_hf_directory(path):  # transformers' save_pretrained: config.json names a model_type
+            hf = json.loads((path / "config.json").read_text())
+            if hf.get("model_type") == HF_DEFORMABLE_MODEL_TYPE:
+                return read_hf_deformable_checkpoint(path, hf)
             return read_hf_checkpoint(path)
         return read_directory(path)
     if path.suffix == ".safetensors":

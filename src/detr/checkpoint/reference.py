@@ -10,6 +10,7 @@ read too. The head count and DC5 leave no trace in the weights: a bare file says
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import re
 from pathlib import Path
 from typing import Any
@@ -17,12 +18,67 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..config import DetrConfig, from_reference_args, to_reference_args
+from ..config import REFERENCE_ARGS, DetrConfig
 from ..files import atomic_write
 from ..model.minimal import DemoConfig
 from .formats import CheckpointError
 
 # --- key names ---------------------------------------------------------------------------------
+
+
+# --- the reference's argparse namespace ------------------------------------------------------
+
+def _get(args: Any, name: str, default: Any) -> Any:
+    if isinstance(args, dict):
+        return args.get(name, default)
+    return getattr(args, name, default)
+
+
+def reference_num_classes(dataset_file: str) -> int:
+    """The reference's class count for a dataset name (used only when no class head is available)."""
+    if dataset_file == "coco":
+        return 91
+    if dataset_file == "coco_panoptic":
+        return 250
+    return 20
+
+
+def from_reference_args(args: Any, num_classes: int | None = None) -> DetrConfig:
+    """Build a config from the reference's ``args`` (argparse.Namespace or dict); arguments it lacks keep
+    our defaults, which are the reference's.
+
+    ``num_classes`` should come from the checkpoint's class head; the dataset-name rule of the
+    reference is only a fallback.
+    """
+    if num_classes is None:
+        num_classes = reference_num_classes(_get(args, "dataset_file", "coco"))
+    base = DetrConfig(num_classes=num_classes)
+    sections: dict[str, dict[str, Any]] = {"": {}, "backbone": {}, "transformer": {}, "matcher": {}, "loss": {}}
+    for arg, (section, name) in REFERENCE_ARGS.items():
+        default = getattr(getattr(base, section) if section else base, name)
+        value = _get(args, arg, default)
+        sections[section][name] = type(default)(value)  # the reference stores some numbers as str or int
+    lr_backbone = _get(args, "lr_backbone", 1e-5)
+    sections["backbone"]["trainable"] = lr_backbone is None or float(lr_backbone) > 0
+    parts = {name: dataclasses.replace(getattr(base, name), **fields) for name, fields in sections.items() if name}
+    return dataclasses.replace(base, **sections[""], **parts)
+
+
+def to_reference_args(config: DetrConfig) -> dict[str, Any]:
+    """The reference's argument names and values for ``config`` (a plain dict).
+
+    Raises ValueError for a configuration the reference cannot build (the convergence options, the small
+    backbone, the ablations): its checkpoints would load as another model.
+    """
+    if not config.is_vanilla:
+        raise ValueError("the reference implementation has no flags for this configuration (convergence options, "
+                         "the small or a GroupNorm backbone, other frozen stages, or a transformer ablation); "
+                         "keep it in our .safetensors format")
+    args = {arg: getattr(getattr(config, section) if section else config, name)
+            for arg, (section, name) in REFERENCE_ARGS.items()}
+    return {**args, "lr_backbone": 1e-5 if config.backbone.trainable else 0.0, "num_classes": config.num_classes,
+            "dataset_file": "coco_panoptic" if config.masks else "coco"}
+
 
 _REF_TO_OURS = (("backbone.0.body.", "backbone.body."), ("backbone.1.", "position."))
 

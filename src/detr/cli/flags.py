@@ -11,6 +11,7 @@ import dataclasses
 from typing import Any
 
 from ..config import (
+    ATTENTIONS,
     BACKBONE_NORMS,
     BACKBONES,
     PRESETS,
@@ -33,6 +34,8 @@ def _ints(text: str) -> tuple[int, ...]:
 MODEL_FLAGS: dict[str, tuple[str, str]] = {
     "num_classes": ("", "num_classes"), "num_queries": ("", "num_queries"),
     "position_embedding": ("", "position_embedding"), "masks": ("", "masks"),
+    "num_feature_levels": ("", "num_feature_levels"), "attention": ("transformer", "attention"),
+    "n_points": ("transformer", "n_points"), "box_refine": ("queries", "box_refine"),
     "backbone": ("backbone", "name"), "dilation": ("backbone", "dilation"), "backbone_norm": ("backbone", "norm"),
     "frozen_stages": ("backbone", "frozen_stages"), "backbone_widths": ("backbone", "widths"),
     "backbone_depths": ("backbone", "depths"),
@@ -81,11 +84,23 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--query_pos", choices=QUERY_POSITIONS, default=None,
                    help="learned query positions added in every decoder layer (DETR) or once at the input")
     g.add_argument("--masks", action="store_true", default=None, help="train the panoptic mask head")
+    g = p.add_argument_group("multi-scale deformable attention (Deformable DETR; off by default)")
+    g.add_argument("--attention", choices=ATTENTIONS, default=None,
+                   help="full (DETR) or deformable: the encoder and the decoder's cross-attention sample "
+                        "--n_points points per head and level around a reference point")
+    g.add_argument("--num_feature_levels", type=int, default=None,
+                   help="feature levels the transformer reads (1: DETR; Deformable DETR: 4 = C3-C5 + a stride-64 "
+                        "map); more than 1 needs --attention deformable")
+    g.add_argument("--n_points", type=int, default=None, help="deformable attention: points per head and level (4)")
+    g.add_argument("--box_refine", action="store_true", default=None,
+                   help="Deformable DETR's iterative box refinement of its learned queries (per-layer heads); "
+                        "with --two_stage, its two-stage variant")
     g = p.add_argument_group("convergence options (DETR's successors; all off by default)")
     g.add_argument("--anchor_queries", action="store_true", default=None,
                    help="anchor-box queries with per-layer box refinement (DAB-DETR, Deformable DETR)")
     g.add_argument("--two_stage", action="store_true", default=None,
-                   help="reference boxes from the top encoder proposals (needs --anchor_queries)")
+                   help="reference boxes from the top encoder proposals (needs --anchor_queries, or "
+                        "--attention deformable --box_refine)")
     g.add_argument("--encoder_content", action="store_true", default=None,
                    help="content queries from the selected encoder tokens, not learned (RT-DETR; needs --two_stage)")
     g.add_argument("--no_encoder_content", dest="encoder_content", action="store_false", default=None,

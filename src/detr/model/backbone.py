@@ -247,25 +247,27 @@ class Backbone(nn.Module):
     The reference's trunk uses frozen BatchNorm; ``norm="group_norm"`` trains a from-scratch trunk.
 
     forward(pixels [B, 3, H, W], padding_mask [B, H, W]) -> (features, masks): lists with the last
-    stage only, or all four stages when ``return_all_stages`` (the mask head's FPN needs them).
+    ``num_outputs`` stages, finest first (1: DETR; 3: Deformable DETR's C3-C5; 4: the mask head's FPN).
     """
 
-    def __init__(self, config: BackboneConfig, *, return_all_stages: bool = False) -> None:
+    def __init__(self, config: BackboneConfig, *, num_outputs: int = 1) -> None:
         super().__init__()
         self.body: ResNet | SmallConvNet
         if config.name == "small":
             self.body = SmallConvNet(config.widths, config.depths)
         else:
             self.body = ResNet(config.name, dilation=config.dilation, norm=_NORMS[config.norm])
-        self.return_all_stages = return_all_stages
+        if not 1 <= num_outputs <= len(self.body.stage_channels):
+            raise ValueError(f"the {config.name} backbone has {len(self.body.stage_channels)} stages, "
+                             f"{num_outputs} requested")
+        self.num_outputs = num_outputs
         self.num_channels = self.body.stage_channels[-1]
+        self.output_channels = self.body.stage_channels[-num_outputs:]
         frozen = tuple(p for stage in _STAGE_PREFIXES[: config.frozen_stages] for p in stage)
         for name, param in self.body.named_parameters():
             param.requires_grad_(config.trainable and not name.startswith(frozen))
 
     def forward(self, pixels: Tensor, padding_mask: Tensor) -> tuple[list[Tensor], list[Tensor]]:
-        stages = self.body.forward_stages(pixels)
-        if not self.return_all_stages:
-            stages = stages[-1:]
+        stages = self.body.forward_stages(pixels)[-self.num_outputs:]
         masks = [downsample_mask(padding_mask, feature.shape[-2:]) for feature in stages]
         return stages, masks

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 
 def valid_ratios(padding_mask: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
@@ -67,6 +67,12 @@ class FeatureLevels:
             sizes=sizes,
         )
 
+    def masks(self) -> list[Tensor]:
+        """The levels' padding masks [B, h_l, w_l]."""
+        b = self.padding_mask.shape[0]
+        parts = self.padding_mask.split([h * w for h, w in self.sizes], 1)
+        return [p.view(b, h, w) for p, (h, w) in zip(parts, self.sizes, strict=True)]
+
     @property
     def n_levels(self) -> int:
         return len(self.sizes)
@@ -90,3 +96,20 @@ class FeatureLevels:
             x = xs[None, None, :] / (ratios[:, level, 0, None, None] * w)  # [B, 1, w]
             points.append(torch.stack(torch.broadcast_tensors(x, y), -1).flatten(1, 2))  # [B, h*w, 2]
         return torch.cat(points, 1)[:, :, None] * ratios[:, None]  # [B, S, L, 2]
+
+
+def level_projections(stage_channels: Sequence[int], num_levels: int, hidden_dim: int) -> nn.ModuleList:
+    """Deformable DETR's input projections: a 1x1 conv + GroupNorm(32) per backbone stage, then for each
+    level beyond the stages a stride-2 3x3 conv + GroupNorm (the first reads the last stage, the others
+    the previous level). Xavier-initialized convolutions, zero biases."""
+    projections = [nn.Sequential(nn.Conv2d(c, hidden_dim, kernel_size=1), nn.GroupNorm(32, hidden_dim))
+                   for c in stage_channels]
+    cin = stage_channels[-1]
+    for _ in range(num_levels - len(stage_channels)):
+        projections.append(nn.Sequential(nn.Conv2d(cin, hidden_dim, kernel_size=3, stride=2, padding=1),
+                                         nn.GroupNorm(32, hidden_dim)))
+        cin = hidden_dim
+    for proj in projections:
+        nn.init.xavier_uniform_(proj[0].weight)
+        nn.init.zeros_(proj[0].bias)
+    return nn.ModuleList(projections)

@@ -13,11 +13,14 @@ class PositionEmbeddingSine(nn.Module):
 
     Each of y and x gets ``num_pos_feats`` channels: the normalized cumulative position (scaled to
     2*pi) divided by temperature**(2i/num_pos_feats), with sin/cos interleaved; y channels come first.
+    ``offset`` is subtracted from the cumulative position before normalizing (Deformable DETR: 0.5, the
+    pixel's centre; DETR: 0).
     """
 
     def __init__(self, num_pos_feats: int = 128, temperature: float = 10000.0, normalize: bool = True,
-                 scale: float = 2 * math.pi) -> None:
+                 scale: float = 2 * math.pi, offset: float = 0.0) -> None:
         super().__init__()
+        self.offset = offset
         self.num_pos_feats = num_pos_feats
         self.temperature = temperature
         self.normalize = normalize
@@ -30,8 +33,13 @@ class PositionEmbeddingSine(nn.Module):
         x = valid.cumsum(2)
         if self.normalize:
             eps = 1e-6
-            y = y / (y[:, -1:, :] + eps) * self.scale
-            x = x / (x[:, :, -1:] + eps) * self.scale
+            if self.offset:
+                y, x = y - self.offset, x - self.offset
+                y = y / (y[:, -1:, :] + self.offset + eps) * self.scale  # the last cumsum, before the offset
+                x = x / (x[:, :, -1:] + self.offset + eps) * self.scale
+            else:
+                y = y / (y[:, -1:, :] + eps) * self.scale
+                x = x / (x[:, :, -1:] + eps) * self.scale
         i = torch.arange(self.num_pos_feats, dtype=torch.float32, device=padding_mask.device)
         dim_t = self.temperature ** (2 * torch.div(i, 2, rounding_mode="floor") / self.num_pos_feats)
         pos_x = x[..., None] / dim_t  # [B, H, W, F]
@@ -67,9 +75,9 @@ class PositionEmbeddingLearned(nn.Module):
         return pos.permute(2, 0, 1)[None].expand(b, -1, -1, -1)  # [B, 2F, H, W]
 
 
-def build_position_encoding(kind: str, hidden_dim: int) -> nn.Module:
+def build_position_encoding(kind: str, hidden_dim: int, *, offset: float = 0.0) -> nn.Module:
     if kind == "sine":
-        return PositionEmbeddingSine(hidden_dim // 2)
+        return PositionEmbeddingSine(hidden_dim // 2, offset=offset)
     if kind == "learned":
         return PositionEmbeddingLearned(hidden_dim // 2)
     raise ValueError(f"position_embedding must be 'sine' or 'learned', got {kind!r}")

@@ -9,6 +9,7 @@ or (``encoder_content``) are the selected tokens' projected features, detached (
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -30,6 +31,7 @@ class Proposals:
     pred_boxes: Tensor
     valid: Tensor
     hidden: Tensor  # [B, HW, C] the projected tokens the heads read
+    class_agnostic: bool = False  # trained as one class (class 0) whatever the objects' labels (Deformable DETR)
 
     def __getitem__(self, key: str) -> Tensor:  # the matcher reads outputs["pred_logits"] / ["pred_boxes"]
         return getattr(self, key)
@@ -71,12 +73,14 @@ class EncoderProposals(nn.Module):
         self.cell_size = cell_size
         self.focal = focal
 
-    def forward(self, memory: Tensor, padding_mask: Tensor) -> Proposals:
-        """memory [B, HW, C], padding_mask [B, h, w] -> one proposal per token."""
+    def forward(self, memory: Tensor, padding_masks: Sequence[Tensor]) -> Proposals:
+        """memory [B, S, C] (the levels' tokens one after the other), padding_masks [B, h_l, w_l] per level
+        -> one proposal per token; a cell's box doubles in size at every coarser level."""
         hidden = self.norm(self.project(memory))
-        cells = cell_boxes(padding_mask, self.cell_size)  # [B, HW, 4]
-        boxes = (self.box_head(hidden).float() + inverse_sigmoid(cells)).sigmoid()
-        return Proposals(self.class_head(hidden), boxes, ~padding_mask.flatten(1), hidden)
+        cells = torch.cat([cell_boxes(m, self.cell_size * 2**level) for level, m in enumerate(padding_masks)], 1)
+        boxes = (self.box_head(hidden).float() + inverse_sigmoid(cells)).sigmoid()  # [B, S, 4]
+        valid = ~torch.cat([m.flatten(1) for m in padding_masks], 1)
+        return Proposals(self.class_head(hidden), boxes, valid, hidden)
 
     def objectness(self, proposals: Proposals) -> Tensor:
         """[B, HW] scores whose order ranks the proposals (padding: -inf)."""

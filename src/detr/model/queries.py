@@ -24,15 +24,17 @@ def inverse_sigmoid(x: Tensor, eps: float = 1e-5) -> Tensor:
     return torch.log(x / (1 - x))
 
 
-def sine_box_embedding(boxes: Tensor, feats_per_coord: int, temperature: float = 10000.0) -> Tensor:
+def sine_box_embedding(boxes: Tensor, feats_per_coord: int, temperature: float = 10000.0, *,
+                       y_first: bool = True) -> Tensor:
     """[..., 4] boxes (cx, cy, w, h in [0, 1]) -> [..., 4 * feats_per_coord] sine embedding.
 
     The frequencies and the sin/cos interleaving of the feature map's sine encoding, in the order
-    (cy, cx, w, h), so that the first half lines up with the keys' (y, x) encoding.
+    (cy, cx, w, h), so that the first half lines up with the keys' (y, x) encoding; ``y_first=False``
+    keeps (cx, cy, w, h) (Deformable DETR's two-stage proposals).
     """
     i = torch.arange(feats_per_coord, dtype=torch.float32, device=boxes.device)
     dim_t = temperature ** (2 * torch.div(i, 2, rounding_mode="floor") / feats_per_coord)  # [F]
-    coords = boxes[..., [1, 0, 2, 3]] * (2 * math.pi)  # y first, as the feature map's encoding
+    coords = (boxes[..., [1, 0, 2, 3]] if y_first else boxes) * (2 * math.pi)  # y first: the feature map's order
     pos = coords[..., None] / dim_t  # [..., 4, F]
     pos = torch.stack((pos[..., 0::2].sin(), pos[..., 1::2].cos()), dim=-1).flatten(-2)  # [..., 4, F]
     return pos.flatten(-2)  # [..., 4F]
@@ -45,6 +47,9 @@ class AnchorQueries(nn.Module):
     ``content``: [G*Q, C] learned content queries, absent when the content starts from zeros.
     Implements the decoder's ``BoxRefiner``: ``position(reference)`` and ``refine(layer, decoded, reference)``.
     """
+
+    positions_from_boxes = True
+    refines = True
 
     def __init__(
         self, *, num_queries: int, hidden_dim: int, num_layers: int, learned_anchors: bool, learned_content: bool,

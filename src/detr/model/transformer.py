@@ -1,8 +1,13 @@
-"""DETR's encoder-decoder transformer.
+"""DETR's encoder-decoder transformer, with full or multi-scale deformable attention.
 
 Batch-first internally ([B, S, C]); parameter names and shapes follow the released checkpoints
 (packed ``in_proj_weight``, ``multihead_attn`` for cross-attention, ``norm1..3``). Positional
 encodings are added to queries and keys (never values) in every attention of every layer.
+
+With ``attention="deformable"`` (Deformable DETR) the encoder's self-attention and the decoder's
+cross-attention are ``MultiScaleDeformableAttention`` over the flattened feature levels: each query
+samples around a reference point (an encoder token's centre; a decoder query's reference point or box).
+The decoder's self-attention stays full attention; the layers are the same residual sequence.
 """
 
 from __future__ import annotations
@@ -16,6 +21,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import TransformerConfig
+from .deformable import MultiScaleDeformableAttention
+from .levels import FeatureLevels
 
 
 class MultiheadAttention(nn.Module):
@@ -97,14 +104,23 @@ def _residual(x: Tensor, sublayer: Callable[[Tensor], Tensor], norm: nn.Module, 
     return norm(x + dropout(sublayer(x)))
 
 
+def _memory_attention(c: TransformerConfig, n_levels: int) -> nn.Module:
+    """The attention that reads the image tokens: full, or multi-scale deformable over ``n_levels``."""
+    if c.deformable:
+        return MultiScaleDeformableAttention(hidden_dim=c.hidden_dim, n_heads=c.nheads, n_levels=n_levels,
+                                             n_points=c.n_points)
+    return MultiheadAttention(c.hidden_dim, c.nheads, c.dropout)
+
+
 class EncoderLayer(nn.Module):
     """dim_feedforward = 0 leaves out the feed-forward network and its norm (the paper's Table 4)."""
 
-    def __init__(self, d_model: int, nheads: int, dim_feedforward: int, dropout: float, pre_norm: bool) -> None:
+    def __init__(self, c: TransformerConfig, n_levels: int = 1) -> None:
         super().__init__()
+        d_model, dim_feedforward, dropout = c.hidden_dim, c.dim_feedforward, c.dropout
         self.has_ffn = dim_feedforward > 0
         # registration order as the reference's: it decides the random initialization
-        self.self_attn = MultiheadAttention(d_model, nheads, dropout)
+        self.self_attn = _memory_attention(c, n_levels)
         if self.has_ffn:
             self.linear1 = nn.Linear(d_model, dim_feedforward)
             self.linear2 = nn.Linear(dim_feedforward, d_model)
@@ -112,11 +128,17 @@ class EncoderLayer(nn.Module):
         if self.has_ffn:
             self.norm2 = nn.LayerNorm(d_model)
         self.dropout = nn.Dropout(dropout)
-        self.pre_norm = pre_norm
+        self.pre_norm = c.pre_norm
 
-    def forward(self, src: Tensor, padding_mask: Tensor | None, pos: Tensor | None) -> Tensor:
+    def forward(self, src: Tensor, padding_mask: Tensor | None, pos: Tensor | None,
+                levels: FeatureLevels | None = None, reference_points: Tensor | None = None) -> Tensor:
+        """Deformable attention also takes the levels' geometry and each token's reference points
+        [B, S, L, 2]."""
         def attend(x: Tensor) -> Tensor:
             qk = _with_pos(x, pos)
+            if isinstance(self.self_attn, MultiScaleDeformableAttention):
+                assert levels is not None and reference_points is not None
+                return self.self_attn(qk, reference_points, x, levels.spatial_shapes, padding_mask)
             return self.self_attn(qk, qk, x, padding_mask)[0]
 
         src = _residual(src, attend, self.norm1, self.dropout, self.pre_norm)
@@ -126,11 +148,12 @@ class EncoderLayer(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, d_model: int, nheads: int, dim_feedforward: int, dropout: float, pre_norm: bool) -> None:
+    def __init__(self, c: TransformerConfig, n_levels: int = 1) -> None:
         super().__init__()
+        d_model, dim_feedforward, dropout = c.hidden_dim, c.dim_feedforward, c.dropout
         self.has_ffn = dim_feedforward > 0
-        self.self_attn = MultiheadAttention(d_model, nheads, dropout)
-        self.multihead_attn = MultiheadAttention(d_model, nheads, dropout)
+        self.self_attn = MultiheadAttention(d_model, c.nheads, dropout)
+        self.multihead_attn = _memory_attention(c, n_levels)
         if self.has_ffn:
             self.linear1 = nn.Linear(d_model, dim_feedforward)
             self.linear2 = nn.Linear(dim_feedforward, d_model)
@@ -139,19 +162,27 @@ class DecoderLayer(nn.Module):
         if self.has_ffn:
             self.norm3 = nn.LayerNorm(d_model)
         self.dropout = nn.Dropout(dropout)
-        self.pre_norm = pre_norm
+        self.pre_norm = c.pre_norm
 
     def forward(
         self, tgt: Tensor, memory: Tensor, padding_mask: Tensor | None, pos: Tensor | None,
         query_pos: Tensor | None, self_attn_mask: Tensor | None = None,
+        levels: FeatureLevels | None = None, reference_points: Tensor | None = None,
     ) -> Tensor:
-        memory_keys = _with_pos(memory, pos)
+        """Deformable cross-attention also takes the levels' geometry and each query's reference points
+        or boxes [B, Q, L, 2 or 4] (scaled by the valid ratios)."""
+        deformable = isinstance(self.multihead_attn, MultiScaleDeformableAttention)
+        memory_keys = None if deformable else _with_pos(memory, pos)
 
         def attend_queries(x: Tensor) -> Tensor:
             qk = _with_pos(x, query_pos)
             return self.self_attn(qk, qk, x, attn_mask=self_attn_mask)[0]
 
         def attend_memory(x: Tensor) -> Tensor:
+            if deformable:
+                assert levels is not None and reference_points is not None
+                return self.multihead_attn(_with_pos(x, query_pos), reference_points, memory,
+                                           levels.spatial_shapes, padding_mask)
             return self.multihead_attn(_with_pos(x, query_pos), memory_keys, memory, padding_mask)[0]
 
         tgt = _residual(tgt, attend_queries, self.norm1, self.dropout, self.pre_norm)
@@ -161,57 +192,76 @@ class DecoderLayer(nn.Module):
         return tgt
 
 
-def _stack(layer: type[EncoderLayer] | type[DecoderLayer], c: TransformerConfig, count: int) -> nn.ModuleList:
-    return nn.ModuleList(layer(c.hidden_dim, c.nheads, c.dim_feedforward, c.dropout, c.pre_norm) for _ in range(count))
+def _stack(layer: type[EncoderLayer] | type[DecoderLayer], c: TransformerConfig, count: int,
+           n_levels: int) -> nn.ModuleList:
+    return nn.ModuleList(layer(c, n_levels) for _ in range(count))
 
 
 class Encoder(nn.Module):
-    def __init__(self, config: TransformerConfig) -> None:
+    def __init__(self, config: TransformerConfig, n_levels: int = 1) -> None:
         super().__init__()
         c = config
-        self.layers = _stack(EncoderLayer, c, c.enc_layers)
+        self.layers = _stack(EncoderLayer, c, c.enc_layers, n_levels)
         # Post-norm layers end normalized already; pre-norm needs a final norm.
         self.norm = nn.LayerNorm(c.hidden_dim) if c.pre_norm else None
 
-    def forward(self, src: Tensor, padding_mask: Tensor | None, pos: Tensor | None) -> Tensor:
+    def forward(self, src: Tensor, padding_mask: Tensor | None, pos: Tensor | None,
+                levels: FeatureLevels | None = None) -> Tensor:
+        reference_points = levels.encoder_reference_points() if levels is not None else None  # [B, S, L, 2]
         for layer in self.layers:
-            src = layer(src, padding_mask, pos)
+            src = layer(src, padding_mask, pos, levels, reference_points)
         return src if self.norm is None else self.norm(src)
 
 
 class Decoder(nn.Module):
-    def __init__(self, config: TransformerConfig) -> None:
+    def __init__(self, config: TransformerConfig, n_levels: int = 1) -> None:
         super().__init__()
-        self.layers = _stack(DecoderLayer, config, config.dec_layers)
-        self.norm = nn.LayerNorm(config.hidden_dim)  # shared by every layer's output (the aux heads see it)
+        self.layers = _stack(DecoderLayer, config, config.dec_layers, n_levels)
+        # DETR: one LayerNorm shared by every layer's output (the aux heads see it). Deformable DETR's
+        # post-norm layers end normalized already and have none.
+        self.norm = nn.LayerNorm(config.hidden_dim) if not config.deformable or config.pre_norm else None
 
     def forward(
         self, tgt: Tensor, memory: Tensor, padding_mask: Tensor | None, pos: Tensor | None,
         query_pos: Tensor | None, *, self_attn_mask: Tensor | None = None,
-        refiner: BoxRefiner | None = None, reference: Tensor | None = None,
+        refiner: BoxRefiner | None = None, reference: Tensor | None = None, levels: FeatureLevels | None = None,
     ) -> tuple[Tensor, Tensor | None]:
-        """Every layer's normalized output [L, B, Q, C], and with a ``refiner`` every layer's refined
-        boxes [L, B, Q, 4] (cxcywh): the refiner turns the current reference boxes [B, Q, 4] into each
-        layer's positional queries and refines them from its output."""
+        """Every layer's normalized output [L, B, Q, C], and with a ``refiner`` every layer's boxes
+        [L, B, Q, 4] (cxcywh): the refiner may turn the current reference [B, Q, 2 or 4] into each layer's
+        positional queries, and makes each layer's box from its output and the reference, which moves on
+        to the refined box when the refiner refines. Deformable cross-attention (``levels``) samples
+        around the reference."""
         outputs, boxes = [], []
         previous = reference  # the box a layer's delta refines; the reference without look-forward-twice
         for i, layer in enumerate(self.layers):
-            if refiner is not None:
+            if refiner is not None and refiner.positions_from_boxes:
                 query_pos = refiner.position(reference)  # [B, Q, C]
-            tgt = layer(tgt, memory, padding_mask, pos, query_pos, self_attn_mask)
-            outputs.append(self.norm(tgt))
+            points = None
+            if levels is not None:
+                assert reference is not None, "deformable cross-attention needs reference points"
+                ratios = levels.valid_ratios  # [B, L, 2] (w, h)
+                if reference.shape[-1] == 4:
+                    ratios = torch.cat([ratios, ratios], -1)
+                points = reference[:, :, None] * ratios[:, None]  # [B, Q, L, 2 or 4]
+            tgt = layer(tgt, memory, padding_mask, pos, query_pos, self_attn_mask, levels, points)
+            outputs.append(tgt if self.norm is None else self.norm(tgt))
             if refiner is not None:
                 box = refiner.refine(i, outputs[-1], previous)
                 boxes.append(box)
-                reference = box.detach()  # each layer learns its own delta (Deformable DETR)
-                previous = box if refiner.look_forward_twice else reference  # DINO: box_l's loss reaches delta_{l-1}
+                if refiner.refines:
+                    reference = box.detach()  # each layer learns its own delta (Deformable DETR)
+                    # DINO: box_l's loss reaches delta_{l-1}
+                    previous = box if refiner.look_forward_twice else reference
         return torch.stack(outputs), (torch.stack(boxes) if boxes else None)
 
 
 class BoxRefiner(Protocol):
-    """What the decoder asks of anchor-box queries (see ``detr.model.queries.AnchorQueries``)."""
+    """What the decoder asks of queries that own a reference (``detr.model.queries.AnchorQueries``,
+    ``detr.model.deformable_queries.DeformableQueries``)."""
 
     look_forward_twice: bool
+    positions_from_boxes: bool  # each layer's positional queries are ``position(reference)``
+    refines: bool  # each layer's box becomes the next layer's reference
 
     def position(self, reference: Tensor) -> Tensor: ...
 
@@ -219,17 +269,24 @@ class BoxRefiner(Protocol):
 
 
 class Transformer(nn.Module):
-    def __init__(self, config: TransformerConfig) -> None:
+    def __init__(self, config: TransformerConfig, n_levels: int = 1) -> None:
         super().__init__()
         self.d_model = config.hidden_dim
         self.nhead = config.nheads
         self.spatial_pos = config.spatial_pos
         self.query_pos = config.query_pos
-        self.encoder = Encoder(config)
-        self.decoder = Decoder(config)
+        self.encoder = Encoder(config, n_levels)
+        self.decoder = Decoder(config, n_levels)
         for p in self.parameters():
             if p.dim() > 1:
                 nn.init.xavier_uniform_(p)
+        for m in self.modules():  # Deformable DETR's own initialization of its sampling offsets
+            if isinstance(m, MultiScaleDeformableAttention):
+                m.reset_parameters()
+
+    def encode_levels(self, levels: FeatureLevels) -> Tensor:
+        """Deformable attention: the flattened levels -> memory [B, S, C]."""
+        return self.encoder(levels.tokens, levels.padding_mask, levels.positions, levels)
 
     def encode(self, src: Tensor, padding_mask: Tensor, pos: Tensor) -> tuple[Tensor, Tensor | None]:
         """src/pos [B, C, H, W], padding_mask [B, H, W] -> (memory [B, HW, C], the positions every
