@@ -151,4 +151,5 @@ def test_every_field_the_reference_cannot_express_makes_a_config_not_vanilla():
             assert not config.is_vanilla, (section, f.name)
             checked.add(f.name)
     # the rest (two_stage, denoising, ...) need anchor-box queries; anchors alone already is not vanilla
-    assert checked >= {"norm", "spatial_pos", "query_pos", "anchors", "anchor_size", "groups", "label_noise", "class_loss"}
+    assert checked >= {"norm", "spatial_pos", "query_pos", "anchors", "anchor_size", "groups", "label_noise",
+                       "class_loss"}
