@@ -228,7 +228,7 @@ class LossConfig:
 
 @dataclass(frozen=True)
 class DetrConfig:
-    num_classes: int = 91  # K: the class head has K + 1 outputs, the last one is "no object"
+    num_classes: int = 91  # K: the class head has K + 1 outputs, the last one is "no object" (focal: K outputs)
     num_queries: int = 100
     position_embedding: str = "sine"
     # Feature maps the transformer sees. 1: the backbone's last stage (DETR). L > 1 (Deformable DETR: 4):
@@ -254,6 +254,10 @@ class DetrConfig:
             raise ValueError(f"masks=True needs hidden_dim divisible by 128, got {self.transformer.hidden_dim}")
         if self.masks and self.backbone.name == "small":
             raise ValueError("masks=True needs a ResNet backbone: the mask head upsamples with its stages 1-3")
+        if self.masks and self.loss.focal:
+            raise ValueError("masks=True (panoptic) needs the softmax class head: the panoptic merge keeps the queries "
+                             "not predicting 'no object', which a focal head (loss.class_loss='focal', flag "
+                             "--focal_loss) does not have; drop --focal_loss")
         if self.queries.anchors and self.transformer.query_pos != "attention":
             raise ValueError("query_pos='input' is for learned queries: anchor-box queries recompute their "
                              "positional query from the refined box at every decoder layer")

@@ -5,7 +5,8 @@ The graph takes ``pixels`` [B, 3, H, W] (resized and normalized as the model was
 and, when exported with ``padding_mask=True``, also ``padding_mask`` [B, H, W] bool (True = padding,
 as in ``ImageBatch``). Without it every image is taken as unpadded (the usual case: one image per
 call, or a batch of images of one size). Batch, height and width are dynamic unless ``dynamic=False``.
-Outputs: ``pred_logits`` [B, Q, K+1], ``pred_boxes`` [B, Q, 4] (cx, cy, w, h normalized to each
+Outputs: ``pred_logits`` [B, Q, K+1] (a focal-loss model: [B, Q, K] sigmoid scores, as ``detr.pred_logits``
+in the graph's metadata says), ``pred_boxes`` [B, Q, 4] (cx, cy, w, h normalized to each
 image's unpadded size) and, for the panoptic model, ``pred_masks`` [B, Q, H/4, W/4] (mask logits).
 Auxiliary (per decoder layer) outputs are training-only and not exported.
 
@@ -144,7 +145,10 @@ def _annotate(path: str, model: nn.Module, output_names: list[str], spec: InputC
         "detr.image_mean": json.dumps(spec.mean),
         "detr.image_std": json.dumps(spec.std),
         "detr.pred_boxes": "cx, cy, w, h normalized by each image's unpadded size",
-        "detr.pred_logits": "the last class is 'no object'; take the softmax over all K+1",
+        "detr.pred_logits": (
+            "K sigmoid class scores, no 'no object' class (focal loss): take the sigmoid and the best Q of the "
+            "Q x K (query, class) scores" if model.config.loss.focal
+            else "the last class is 'no object'; take the softmax over all K+1"),
     })
     onnx.save(proto, path)
 

@@ -2,7 +2,10 @@
 
 Model outputs are a mapping with ``pred_logits`` [B, Q, K+1] (the last column is "no object"),
 ``pred_boxes`` [B, Q, 4] (normalized cxcywh) and, for the panoptic model, ``pred_masks`` [B, Q, h, w]
-(mask logits at the padded feature resolution).
+(mask logits at the padded feature resolution). A model trained with sigmoid focal loss
+(``config.loss.focal``, ``--focal_loss``) has K logits per query instead, each an independent sigmoid score:
+:func:`postprocess_detections` is then told so (``focal=True``, read by :func:`uses_focal` from the model's
+config) and ranks the Q x K (query, class) scores, as Deformable DETR does.
 
 Sizes are (h, w) pairs, given as an int tensor [B, 2] or a sequence of pairs:
 - ``input_sizes``: each image's size after the transforms, before batch padding;
@@ -37,6 +40,7 @@ MIN_SEGMENT_AREA = 4
 
 __all__ = [
     "postprocess_detections",
+    "uses_focal",
     "postprocess_masks",
     "postprocess_panoptic",
 ]
@@ -54,31 +58,47 @@ def _size_pairs(sizes: Sizes) -> list[tuple[int, int]]:
 # ----------------------------------------------------------------------------------------------
 
 
+def uses_focal(model: Any) -> bool:
+    """Whether ``model``'s class logits are K sigmoid scores (trained with focal loss), as its config says
+    (``config.loss.focal``); False for a model without one (the demo model, a plain callable). A
+    DistributedDataParallel wrapper is looked through."""
+    config = getattr(getattr(model, "module", model), "config", None)
+    return bool(getattr(getattr(config, "loss", None), "focal", False))
+
+
 def postprocess_detections(
     outputs: Mapping[str, Tensor],
     orig_sizes: Sizes,
     *,
     threshold: float | None = None,
     top_k: int | None = None,
+    focal: bool = False,
+    num_detections: int | None = None,
 ) -> list[dict[str, Tensor]]:
     """Class scores/labels and absolute xyxy boxes at the original image size, per image.
 
     Args:
-        outputs: ``pred_logits`` [B, Q, K+1] and ``pred_boxes`` [B, Q, 4] (normalized cxcywh).
+        outputs: ``pred_logits`` [B, Q, K+1] ([B, Q, K] with ``focal``) and ``pred_boxes`` [B, Q, 4]
+            (normalized cxcywh).
         orig_sizes: [B, 2] (h, w) of the original images.
-        threshold: if given, keep only the queries with score > threshold (in query order).
-        top_k: if given, keep the top_k highest-scoring queries (sorted by decreasing score), applied
+        threshold: if given, keep only the detections with score > threshold (in query order; with
+            ``focal``, in order of decreasing score).
+        top_k: if given, keep the top_k highest-scoring detections (sorted by decreasing score), applied
             after ``threshold``.
+        focal: the logits are sigmoid scores of K classes with no "no object" column (the model's
+            ``config.loss.focal``, see :func:`uses_focal`): each (query, class) pair is a candidate,
+            score = sigmoid(logit), and the ``num_detections`` best of the Q x K pairs are the detections,
+            by decreasing score, so one query may give several detections of different classes.
+        num_detections: with ``focal``, the number of (query, class) pairs kept before ``threshold`` and
+            ``top_k``; default Q (Deformable DETR takes 100, its query count on COCO is 300).
 
     Returns:
         per image ``scores`` [N], ``labels`` [N] (int64), ``boxes`` [N, 4] (xyxy pixels), on the
-        outputs' device. Without filtering N = Q (every query, in order, as the reference returns);
-        with ``threshold`` or ``top_k`` there is also ``query_indices`` [N], the kept query indices
-        (what :func:`postprocess_masks` needs to select the matching masks).
+        outputs' device. Without filtering and without ``focal`` N = Q (every query, in order, as the
+        reference returns); with ``threshold``, ``top_k`` or ``focal`` there is also ``query_indices``
+        [N], the query of each detection (what :func:`postprocess_masks` needs to select the masks).
     """
     logits, boxes_cxcywh = outputs["pred_logits"], outputs["pred_boxes"]
-    probs = logits.softmax(-1)  # [B, Q, K+1]
-    scores, labels = probs[..., :-1].max(-1)  # [B, Q]: best real class, no-object excluded
     if isinstance(orig_sizes, Tensor):
         sizes_hw = orig_sizes.to(boxes_cxcywh.device)
     else:
@@ -86,7 +106,11 @@ def postprocess_detections(
     img_h, img_w = sizes_hw.unbind(1)
     scale = torch.stack([img_w, img_h, img_w, img_h], dim=1)  # [B, 4]
     boxes_xyxy = cxcywh_to_xyxy(boxes_cxcywh) * scale[:, None, :]  # [B, Q, 4]
+    if focal:
+        return _focal_detections(logits, boxes_xyxy, threshold, top_k, num_detections)
 
+    probs = logits.softmax(-1)  # [B, Q, K+1]
+    scores, labels = probs[..., :-1].max(-1)  # [B, Q]: best real class, no-object excluded
     if threshold is None and top_k is None:
         per_image = zip(scores, labels, boxes_xyxy, strict=True)
         return [{"scores": s, "labels": lab, "boxes": b} for s, lab, b in per_image]
@@ -99,6 +123,25 @@ def postprocess_detections(
         if top_k is not None:
             idx = idx[s[idx].topk(min(top_k, idx.numel())).indices]
         results.append({"scores": s[idx], "labels": lab[idx], "boxes": b[idx], "query_indices": idx})
+    return results
+
+
+def _focal_detections(
+    logits: Tensor, boxes_xyxy: Tensor, threshold: float | None, top_k: int | None, num_detections: int | None
+) -> list[dict[str, Tensor]]:
+    """Sigmoid scores [B, Q, K] -> per image the best (query, class) pairs, by decreasing score."""
+    num_queries, num_classes = logits.shape[-2:]
+    count = min(num_queries if num_detections is None else num_detections, num_queries * num_classes)
+    scores, flat = logits.sigmoid().flatten(1).topk(count, dim=1)  # [B, count]: index = query * K + class
+    results = []
+    for s, f, b in zip(scores, flat, boxes_xyxy, strict=True):
+        if threshold is not None:
+            keep = s > threshold  # still by decreasing score
+            s, f = s[keep], f[keep]
+        if top_k is not None:
+            s, f = s[:top_k], f[:top_k]
+        query = f // num_classes  # [N]
+        results.append({"scores": s, "labels": f % num_classes, "boxes": b[query], "query_indices": query})
     return results
 
 

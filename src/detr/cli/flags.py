@@ -50,7 +50,8 @@ MODEL_FLAGS: dict[str, tuple[str, str]] = {
     "set_cost_giou": ("matcher", "cost_giou"),
     "bbox_loss_coef": ("loss", "bbox"), "giou_loss_coef": ("loss", "giou"), "mask_loss_coef": ("loss", "mask"),
     "dice_loss_coef": ("loss", "dice"), "eos_coef": ("loss", "eos_coef"), "aux_loss": ("loss", "aux_loss"),
-    "proposal_loss": ("loss", "proposal_loss"),
+    "cls_loss_coef": ("loss", "ce"), "proposal_loss": ("loss", "proposal_loss"), "class_loss": ("loss", "class_loss"),
+    "focal_alpha": ("loss", "focal_alpha"), "focal_gamma": ("loss", "focal_gamma"),
 }
 
 
@@ -119,6 +120,12 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
                    help="one-to-many training with G groups of queries (Group DETR); inference uses one")
     g.add_argument("--proposal_loss", choices=PROPOSAL_LOSSES, default=None,
                    help="class loss of the two-stage proposals: focal (default) or ce")
+    g.add_argument("--focal_loss", dest="class_loss", action="store_const", const="focal", default=None,
+                   help="sigmoid focal classification over K classes, no 'no object' class (Deformable DETR, DINO): "
+                        "focal matching cost and loss, top-Q (query, class) scores at inference. Their recipe also "
+                        "sets --set_cost_class 2 and --cls_loss_coef 2; the defaults stay 1")
+    g.add_argument("--focal_alpha", type=float, default=None, help="with --focal_loss: the positives' weight (0.25)")
+    g.add_argument("--focal_gamma", type=float, default=None, help="with --focal_loss: the focusing exponent (2)")
     g = p.add_argument_group("loss")
     g.add_argument("--no_aux_loss", dest="aux_loss", action="store_false", default=None)
     g.add_argument("--set_cost_class", type=float, default=None)
@@ -128,6 +135,8 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dice_loss_coef", type=float, default=None)
     g.add_argument("--bbox_loss_coef", type=float, default=None)
     g.add_argument("--giou_loss_coef", type=float, default=None)
+    g.add_argument("--cls_loss_coef", type=float, default=None,
+                   help="weight of the class loss (1; Deformable DETR's name, its focal recipe uses 2)")
     g.add_argument("--eos_coef", type=float, default=None)
 
 

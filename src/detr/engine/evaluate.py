@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from detr.boxes import xyxy_to_xywh
 from detr.distributed import gather_objects, is_main_process, world_size
-from detr.postprocess import postprocess_detections, postprocess_masks
+from detr.postprocess import postprocess_detections, postprocess_masks, uses_focal
 
 __all__ = [
     "STAT_NAMES",
@@ -305,6 +305,7 @@ def evaluate(
     label_to_category: LabelMap | None = None,
     amp_dtype: torch.dtype | None = None,
     progress: bool = True,
+    focal: bool | None = None,
 ) -> dict[str, Any]:
     """COCO evaluation of ``model`` over ``data_loader``.
 
@@ -318,6 +319,8 @@ def evaluate(
         label_to_category: label -> COCO category id; None when labels are category ids.
         amp_dtype: run the model under autocast with this dtype (post-processing stays float32).
         progress: show a tqdm bar (on the main process).
+        focal: the logits are K sigmoid scores (see :func:`detr.postprocess.postprocess_detections`);
+            default: what the model's config says (:func:`detr.postprocess.uses_focal`).
 
     Returns:
         {"bbox": {AP, AP50, ..., ARl}, ("segm": {...},) "num_images": N, "seconds": wall time,
@@ -326,6 +329,7 @@ def evaluate(
     """
     device = torch.device(device)
     is_main = is_main_process()
+    focal = uses_focal(model) if focal is None else focal
     evaluator = None
     start = time.perf_counter()
     convert_seconds = 0.0  # post-processing + conversion to COCO results (the rest: data and model)
@@ -335,7 +339,7 @@ def evaluate(
             types = iou_types or (("bbox", "segm") if "pred_masks" in outputs else ("bbox",))
             evaluator = CocoEvaluator(coco_gt, types, label_to_category=label_to_category)
         orig_sizes = target_sizes(targets, "orig_size")  # [B, 2]
-        results = postprocess_detections(outputs, orig_sizes)
+        results = postprocess_detections(outputs, orig_sizes, focal=focal)
         if "segm" in evaluator.iou_types:
             if "pred_masks" not in outputs:
                 raise ValueError("segm evaluation needs a model that outputs pred_masks")

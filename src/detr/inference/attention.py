@@ -22,7 +22,6 @@ from torch import Tensor, nn
 
 from ..model.detr import DETR
 from ..model.transformer import MultiheadAttention
-from ..postprocess import postprocess_detections
 from .results import Detection, ImageInput
 from .visualize import colour_for, draw_caption, draw_detections, font
 
@@ -36,6 +35,10 @@ class _Detector(Protocol):
     def load(self, image: ImageInput) -> Image.Image: ...
 
     def preprocess(self, image: Image.Image) -> Tensor: ...
+
+    def postprocess(
+        self, outputs: Mapping[str, Tensor], orig_sizes: Sequence[tuple[int, int]]
+    ) -> list[dict[str, Tensor]]: ...
 
     def select(self, result: Mapping[str, Tensor], threshold: float | None, top_k: int | None = None) -> Tensor: ...
 
@@ -145,9 +148,11 @@ def attention_maps(
         outputs = model.heads(features)
     h, w = features.projected.shape[-2:]
     image_size = (pil.height, pil.width)
-    result = postprocess_detections(outputs, [image_size])[0]
+    result = detector.postprocess(outputs, [image_size])[0]
     keep = detector.select(result, threshold, top_k)
     detections = detector.to_detections(result, keep)
+    if "query_indices" in result:  # focal: detections are (query, class) pairs, and a query may give several
+        keep = result["query_indices"][keep]
     decoder = weights["decoder"][0, keep].reshape(-1, h, w).float().cpu()  # [k, h, w]
 
     input_size = (int(pixels.shape[-2]), int(pixels.shape[-1]))

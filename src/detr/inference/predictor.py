@@ -29,7 +29,7 @@ from ..model.detr import DETR
 from ..model.fuse import compile_for_inference, optimize_for_inference
 from ..model.minimal import DETRdemo
 from ..model.segmentation import DETRsegm
-from ..postprocess import nms, postprocess_detections, postprocess_panoptic
+from ..postprocess import nms, postprocess_detections, postprocess_panoptic, uses_focal
 from ..preprocessing import InputConfig, resolve_input
 from ..runtime import amp_dtype
 from .names import COCO_LAST_THING_ID, ClassNames, resolve_class_names
@@ -98,6 +98,7 @@ class Detector:
         self.precision = precision
         self._autocast_dtype = amp_dtype(precision, self.device)  # None for fp32; checks the value
         self.model = (optimize_for_inference(model) if optimize else model).to(self.device).eval()
+        self.focal = uses_focal(model)  # sigmoid scores of K classes: the best (query, class) pairs are detections
         self.threshold = threshold
         stored = input if input is not None else getattr(model, "input_config", None)
         self.input, self.input_origin = resolve_input(stored, size=size, max_size=max_size)
@@ -186,11 +187,19 @@ class Detector:
 
     # --- detection -----------------------------------------------------------------------------
 
+    def postprocess(
+        self, outputs: Mapping[str, Tensor], orig_sizes: Sequence[tuple[int, int]]
+    ) -> list[dict[str, Tensor]]:
+        """Every candidate detection per image (:func:`detr.postprocess.postprocess_detections`, as the model was
+        trained: one per query, or with focal classification the best Q (query, class) pairs)."""
+        return postprocess_detections(outputs, orig_sizes, focal=self.focal)
+
     def select(
         self, result: Mapping[str, Tensor], threshold: float | None, top_k: int | None = None
     ) -> Tensor:
-        """Query indices kept from one image's ``postprocess_detections`` result (every query):
-        score > threshold, NMS if configured, best ``top_k``; by decreasing score."""
+        """Indices kept from one image's :meth:`postprocess` result (without focal: query indices; with it, its
+        ``query_indices`` say each detection's query): score > threshold, NMS if configured, best ``top_k``;
+        by decreasing score."""
         scores = result["scores"]
         idx = torch.arange(len(scores), device=scores.device)
         if threshold is not None:
@@ -222,7 +231,7 @@ class Detector:
                 orig_sizes = [(image.height, image.width) for image in chunk]
                 detections = [
                     self.to_detections(per_image, self.select(per_image, threshold))
-                    for per_image in postprocess_detections(outputs, orig_sizes)
+                    for per_image in self.postprocess(outputs, orig_sizes)
                 ]
                 if not panoptic:
                     yield from ((dets, None) for dets in detections)

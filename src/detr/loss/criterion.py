@@ -4,7 +4,10 @@ For each decoder layer that is supervised (the last one, plus every earlier one 
 losses), predictions are matched to targets with the Hungarian matcher, then
 
 - ``loss_ce``: cross-entropy over K+1 classes for all Q queries; unmatched queries must predict the
-  no-object class K, whose weight is ``eos_coef`` (the others 1), and the mean is the weighted mean;
+  no-object class K, whose weight is ``eos_coef`` (the others 1), and the mean is the weighted mean.
+  With ``loss.class_loss == "focal"`` (Deformable DETR, DINO) the K logits are sigmoid scores instead:
+  sigmoid focal loss against one-hot targets (a matched query's class, all zeros for the others), summed
+  over queries and classes and divided by the number of target boxes; the matching cost is the focal one;
 - ``loss_bbox`` / ``loss_giou``: L1 on normalized cxcywh and 1 - GIoU on xyxy, summed over matched
   pairs and divided by the number of target boxes in the batch;
 - ``loss_mask`` / ``loss_dice`` (panoptic model, last layer only): sigmoid focal loss and dice loss of
@@ -58,13 +61,13 @@ class LossResult:
         return {name: term * self.weights[name] for name, term in self.terms.items()}
 
 
-def focal_terms(logits: Tensor, targets: Tensor) -> Tensor:
-    """Elementwise sigmoid focal loss (alpha 0.25, gamma 2) of logits vs {0, 1} targets of the same shape."""
+def focal_terms(logits: Tensor, targets: Tensor, alpha: float = FOCAL_ALPHA, gamma: float = FOCAL_GAMMA) -> Tensor:
+    """Elementwise sigmoid focal loss (default alpha 0.25, gamma 2) of logits vs {0, 1} targets of the same shape."""
     prob = logits.sigmoid()
     bce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
     p_true = prob * targets + (1 - prob) * (1 - targets)  # probability given to the true label
-    alpha = FOCAL_ALPHA * targets + (1 - FOCAL_ALPHA) * (1 - targets)
-    return alpha * bce * (1 - p_true) ** FOCAL_GAMMA
+    weight = alpha * targets + (1 - alpha) * (1 - targets)
+    return weight * bce * (1 - p_true) ** gamma
 
 
 def sigmoid_focal_loss(mask_logits: Tensor, targets: Tensor, num_boxes: float) -> Tensor:
@@ -94,9 +97,9 @@ def count_boxes(targets: Sequence[Mapping[str, Tensor]], device: torch.device) -
 class SetCriterion(nn.Module):
     """DETR's loss. ``forward(outputs, targets) -> LossResult``.
 
-    outputs: ``pred_logits`` [B, Q, K+1], ``pred_boxes`` [B, Q, 4] (normalized cxcywh), optional
-    ``aux_outputs`` (a list of such dicts for decoder layers 0..L-2) and, with ``masks=True``,
-    ``pred_masks`` [B, Q, h, w] mask logits. targets: B dicts with ``labels`` int64 [N_i], ``boxes``
+    outputs: ``pred_logits`` [B, Q, K+1] ([B, Q, K] with focal classification), ``pred_boxes`` [B, Q, 4]
+    (normalized cxcywh), optional ``aux_outputs`` (a list of such dicts for decoder layers 0..L-2) and, with
+    ``masks=True``, ``pred_masks`` [B, Q, h, w] mask logits. targets: B dicts with ``labels`` int64 [N_i], ``boxes``
     [N_i, 4] normalized cxcywh and, with ``masks=True``, ``masks`` bool [N_i, H_i, W_i].
     """
 
@@ -130,16 +133,29 @@ class SetCriterion(nn.Module):
 
     # --- the terms -------------------------------------------------------------------------
 
+    def focal_class_loss(self, logits: Tensor, index: tuple[Tensor, ...], labels: Tensor, num_boxes: float) -> Tensor:
+        """Sigmoid focal loss of [..., K] logits against one-hot targets: ``labels`` [M] at the M positions
+        ``index`` (a tuple of [M] index tensors into the leading dimensions), all-zero targets elsewhere;
+        summed over every position and class and divided by ``num_boxes``."""
+        cfg = self.loss_config
+        onehot = torch.zeros_like(logits)  # [..., K]
+        onehot[(*index, labels)] = 1
+        return focal_terms(logits, onehot, cfg.focal_alpha, cfg.focal_gamma).sum() / num_boxes
+
     def loss_labels(
-        self, logits: Tensor, targets: Sequence[Mapping[str, Tensor]], match: _Match
+        self, logits: Tensor, targets: Sequence[Mapping[str, Tensor]], match: _Match, num_boxes: float
     ) -> tuple[Tensor, Tensor]:
-        """Weighted cross-entropy over all queries, and the class error (%) of the matched ones."""
-        logits = logits.float()  # [B, Q, K+1]
-        no_object = self.num_classes
-        target_classes = torch.full(logits.shape[:2], no_object, dtype=torch.int64, device=logits.device)
+        """Weighted cross-entropy over all queries (with focal classification: focal loss / ``num_boxes``), and
+        the class error (%) of the matched ones."""
+        logits = logits.float()  # [B, Q, K+1], or [B, Q, K] with focal
         matched_labels = torch.cat(
             [t["labels"][j] for t, j in zip(targets, match.target_per_image, strict=True)]
         ).to(logits.device)  # [M]
+        if self.loss_config.focal:
+            loss_ce = self.focal_class_loss(logits, (match.batch, match.query), matched_labels, num_boxes)
+            return loss_ce, self._class_error(logits, match, matched_labels)
+        no_object = self.num_classes
+        target_classes = torch.full(logits.shape[:2], no_object, dtype=torch.int64, device=logits.device)
         target_classes[match.batch, match.query] = matched_labels
         weight = self.empty_weight.float()
         if world_size() > 1:
@@ -149,21 +165,27 @@ class SetCriterion(nn.Module):
             loss_ce = per_query.sum() / all_reduce_mean(weight[target_classes].sum().detach())
         else:
             loss_ce = F.cross_entropy(logits.transpose(1, 2), target_classes, weight=weight)
-        with torch.no_grad():
-            matched_logits = logits[match.batch, match.query]  # [M, K+1]
-            if matched_labels.numel() == 0:
-                # As the reference: accuracy over no matched query counts as 0%, so the error is 100%.
-                accuracy = logits.new_zeros(())
-            else:
-                accuracy = (matched_logits.argmax(-1) == matched_labels).float().mean() * 100
-        return loss_ce, 100 - accuracy
+        return loss_ce, self._class_error(logits, match, matched_labels)
 
     @staticmethod
     @torch.no_grad()
-    def cardinality_error(logits: Tensor, targets: Sequence[Mapping[str, Tensor]]) -> Tensor:
-        """Mean over images of |#predictions not argmax-ing to no-object - #targets|."""
-        no_object = logits.shape[-1] - 1
-        predicted = (logits.argmax(-1) != no_object).sum(dim=1).float()  # [B]
+    def _class_error(logits: Tensor, match: _Match, matched_labels: Tensor) -> Tensor:
+        """100 - accuracy (%) of the matched queries' most probable class (softmax or sigmoid: the argmax)."""
+        if matched_labels.numel() == 0:
+            # As the reference: accuracy over no matched query counts as 0%, so the error is 100%.
+            return 100 - logits.new_zeros(())
+        matched_logits = logits[match.batch, match.query]  # [M, K+1] or [M, K]
+        return 100 - (matched_logits.argmax(-1) == matched_labels).float().mean() * 100
+
+    @staticmethod
+    @torch.no_grad()
+    def cardinality_error(logits: Tensor, targets: Sequence[Mapping[str, Tensor]], *, focal: bool = False) -> Tensor:
+        """Mean over images of |#predictions - #targets|: a prediction is a query not argmax-ing to no-object,
+        or with ``focal`` (sigmoid scores, no such class) one whose best class has probability > 0.5."""
+        if focal:
+            predicted = (logits.max(-1).values > 0).sum(dim=1).float()  # logit > 0 <=> sigmoid > 0.5; [B]
+        else:
+            predicted = (logits.argmax(-1) != logits.shape[-1] - 1).sum(dim=1).float()  # [B]
         expected = torch.tensor([float(len(t["labels"])) for t in targets], device=logits.device)  # [B]
         return F.l1_loss(predicted, expected)
 
@@ -240,8 +262,10 @@ class SetCriterion(nn.Module):
         return (per_token * weight).sum() / weight.sum().clamp(min=1e-6)
 
     def denoising_terms(self, dn: DenoisingOutputs, num_boxes: float) -> list[tuple[str, str, Tensor]]:
-        """Reconstruction losses of the denoising queries, per layer: cross-entropy of the true label, and L1 /
-        1 - GIoU of the true box, divided by the number of boxes times the number of denoising groups.
+        """Reconstruction losses of the denoising queries, per layer: cross-entropy of the true label (with focal
+        classification: the focal loss of its one-hot target over the K classes, summed and divided like the box
+        terms, as DINO), and L1 / 1 - GIoU of the true box, divided by the number of boxes times the number of
+        denoising groups.
         Returns (term, suffix, value) triples: ("loss_ce", "_dn", ...) for the last layer, "_dn_{i}" for the others."""
         q = dn.queries
         valid = q.valid
@@ -258,8 +282,14 @@ class SetCriterion(nn.Module):
                 continue
             pred = dn.pred_boxes[i][valid].float()  # [M, 4]
             giou = torch.diag(generalized_box_iou(cxcywh_to_xyxy(pred), cxcywh_to_xyxy(boxes)))
+            logits = dn.pred_logits[i][valid].float()  # [M, K+1], or [M, K] with focal
+            if self.loss_config.focal:
+                rows = torch.arange(len(labels), device=logits.device)
+                loss_ce = self.focal_class_loss(logits, (rows,), labels, normalizer)
+            else:
+                loss_ce = F.cross_entropy(logits, labels)
             terms += [
-                ("loss_ce", suffix, F.cross_entropy(dn.pred_logits[i][valid].float(), labels)),
+                ("loss_ce", suffix, loss_ce),
                 ("loss_bbox", suffix, F.l1_loss(pred, boxes, reduction="none").sum() / normalizer),
                 ("loss_giou", suffix, (1 - giou).sum() / normalizer),
             ]
@@ -302,10 +332,12 @@ class SetCriterion(nn.Module):
     def _layer_terms(self, acc: _Terms, suffix: str, layer: Mapping[str, Any],
                      targets: Sequence[Mapping[str, Tensor]], num_boxes: float) -> MatchIndices:
         """Match one decoder layer's predictions and add its terms (and metrics) under ``suffix``."""
-        indices = self.matcher(layer, targets)
+        cfg = self.loss_config
+        indices = self.matcher(layer, targets, focal=cfg.focal, focal_alpha=cfg.focal_alpha,
+                               focal_gamma=cfg.focal_gamma)
         match = _Match.build(indices, layer["pred_logits"].device)
         is_final = suffix == ""
-        loss_ce, class_error = self.loss_labels(layer["pred_logits"], targets, match)
+        loss_ce, class_error = self.loss_labels(layer["pred_logits"], targets, match, num_boxes)
         acc.add("loss_ce", suffix, loss_ce)
         acc.add_boxes(suffix, *self.loss_boxes(layer["pred_boxes"], targets, match, num_boxes))
         if self.masks and is_final:  # the reference supervises masks on the last layer only
@@ -318,7 +350,8 @@ class SetCriterion(nn.Module):
         if is_final:  # the reference logs the class error of the last layer only
             acc.metrics["class_error"] = class_error.detach()
         if not suffix.startswith("_g"):
-            acc.metrics[f"cardinality_error{suffix}"] = self.cardinality_error(layer["pred_logits"], targets)
+            acc.metrics[f"cardinality_error{suffix}"] = self.cardinality_error(layer["pred_logits"], targets,
+                                                                                focal=cfg.focal)
         return indices
 
 

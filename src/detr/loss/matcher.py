@@ -5,7 +5,9 @@ exactly one prediction (the rest are trained towards "no object"). The pairing m
 
     cost = cost_bbox * L1(cxcywh) - cost_class * p(target class) - cost_giou * GIoU(xyxy)
 
-and is solved exactly by ``scipy.optimize.linear_sum_assignment``.
+and is solved exactly by ``scipy.optimize.linear_sum_assignment``. With sigmoid focal classification
+(``focal=True``: Deformable DETR, DINO; the two-stage proposals) the class term is the focal loss of calling
+the prediction the target class minus that of calling it background (:func:`focal_class_cost`).
 """
 
 from __future__ import annotations
@@ -25,8 +27,12 @@ MatchIndices = list[tuple[Tensor, Tensor]]
 UNMATCHABLE = 1e6  # the cost of a prediction slot that must not be matched
 
 
-def _focal_class_cost(logits: Tensor, alpha: float = 0.25, gamma: float = 2.0) -> Tensor:
-    """Per (prediction, target) logit of the target's class: focal loss as a positive minus as a negative."""
+def focal_class_cost(logits: Tensor, alpha: float = 0.25, gamma: float = 2.0) -> Tensor:
+    """Per (prediction, target) logit of the target's class: focal loss as a positive minus as a negative.
+
+    Deformable DETR's cost, alpha (1 - p)^gamma (-log p) - (1 - alpha) p^gamma (-log(1 - p)) with p the
+    sigmoid; the logs are taken as log-sigmoids, which equal its log(p + 1e-8) up to that epsilon.
+    """
     prob = logits.sigmoid()
     positive = alpha * (1 - prob) ** gamma * -F.logsigmoid(logits)
     negative = (1 - alpha) * prob**gamma * -F.logsigmoid(-logits)
@@ -36,8 +42,8 @@ def _focal_class_cost(logits: Tensor, alpha: float = 0.25, gamma: float = 2.0) -
 class HungarianMatcher:
     """One-to-one assignment of predictions to targets, per image.
 
-    Call with ``outputs`` holding ``pred_logits`` [B, Q, K+1] and ``pred_boxes`` [B, Q, 4] (normalized
-    cxcywh) and ``targets``, a list of B dicts with ``labels`` int64 [N_i] and ``boxes`` [N_i, 4]
+    Call with ``outputs`` holding ``pred_logits`` [B, Q, K+1] (with ``focal``: [B, Q, K]) and ``pred_boxes``
+    [B, Q, 4] (normalized cxcywh) and ``targets``, a list of B dicts with ``labels`` int64 [N_i] and ``boxes`` [N_i, 4]
     (normalized cxcywh). Returns, per image, ``(pred_indices, target_indices)``: two int64 CPU tensors
     of length min(Q, N_i), prediction indices ascending.
     """
@@ -62,14 +68,15 @@ class HungarianMatcher:
     @torch.no_grad()
     def cost_matrix(
         self, outputs: Mapping[str, Any], targets: Sequence[Mapping[str, Tensor]], *, focal: bool = False,
-        valid: Tensor | None = None,
+        valid: Tensor | None = None, focal_alpha: float = 0.25, focal_gamma: float = 2.0,
     ) -> Tensor:
         """Matching cost of every prediction of the batch against every target of the batch.
 
         Returns [B, Q, sum N_i] float32 on the predictions' device; the block [b, :, targets of image b]
         is image b's cost (other blocks are computed only because one batched pass is cheaper).
-        ``focal``: the class logits are trained with sigmoid focal loss (two-stage proposals), so the class
-        cost is the focal loss's gain from calling the prediction the target class (Deformable DETR).
+        ``focal``: the class logits are trained with sigmoid focal loss (``--focal_loss``, two-stage proposals),
+        so the class cost is the focal loss's gain from calling the prediction the target class (Deformable
+        DETR), with ``focal_alpha`` and ``focal_gamma``; the logits' class index is the label, as without.
         ``valid`` [B, Q]: predictions that may be matched (False: padding tokens of the proposals).
         """
         logits = outputs["pred_logits"]
@@ -81,7 +88,8 @@ class HungarianMatcher:
 
         cost_bbox = torch.cdist(boxes_cxcywh, target_cxcywh, p=1)  # [B*Q, sum N]
         if focal:
-            cost_class = _focal_class_cost(logits.flatten(0, 1).float()[:, target_labels])
+            target_logits = logits.flatten(0, 1).float()[:, target_labels]  # [B*Q, sum N]
+            cost_class = focal_class_cost(target_logits, focal_alpha, focal_gamma)
         else:
             probs = logits.flatten(0, 1).float().softmax(-1)  # [B*Q, K+1]
             cost_class = -probs[:, target_labels]  # [B*Q, sum N]
@@ -96,7 +104,7 @@ class HungarianMatcher:
     @torch.no_grad()
     def __call__(
         self, outputs: Mapping[str, Any], targets: Sequence[Mapping[str, Tensor]], *, focal: bool = False,
-        valid: Tensor | None = None,
+        valid: Tensor | None = None, focal_alpha: float = 0.25, focal_gamma: float = 2.0,
     ) -> MatchIndices:
         batch_size = outputs["pred_logits"].shape[0]
         if len(targets) != batch_size:
@@ -110,7 +118,8 @@ class HungarianMatcher:
         if sum(sizes) == 0:
             return [(empty, empty.clone()) for _ in range(batch_size)]
 
-        cost = self.cost_matrix(outputs, targets, focal=focal, valid=valid).cpu()  # the one device -> host copy
+        cost = self.cost_matrix(outputs, targets, focal=focal, valid=valid, focal_alpha=focal_alpha,
+                                focal_gamma=focal_gamma).cpu()  # the one device -> host copy
         if not torch.isfinite(cost).all():
             raise ValueError(
                 "HungarianMatcher: the matching cost has NaN/inf entries; the predictions (pred_logits or "
