@@ -49,12 +49,16 @@ OPTIONS = {
     # multi-scale deformable attention: three levels (the small backbone's stride-4 and -8 stages + a stride-16 conv)
     "deformable": tiny(attention="deformable").replace(num_feature_levels=3),
     "deformable_refine": tiny(QueryConfig(box_refine=True), attention="deformable").replace(num_feature_levels=3),
+    "deformable_two_stage": dataclasses.replace(
+        tiny(QueryConfig(box_refine=True, two_stage=True), attention="deformable").replace(num_feature_levels=3),
+        loss=detr.config.LossConfig(class_loss="focal")),
     "deformable_anchors": tiny(QueryConfig(anchors=True, two_stage=True, denoising_groups=2, groups=2, anchor_size=0.3),
                                attention="deformable").replace(num_feature_levels=3),
 }
 # options that change the inference graph (the rest exist only in training)
 INFERENCE_OPTIONS = ["anchors", "two_stage", "encoder_content", "spatial_pos_input", "spatial_pos_none",
-                     "query_pos_input", "no_ffn", "deformable", "deformable_refine", "deformable_anchors"]
+                     "query_pos_input", "no_ffn", "deformable", "deformable_refine", "deformable_two_stage",
+                     "deformable_anchors"]
 
 
 @pytest.fixture(scope="module")
@@ -393,6 +397,45 @@ def test_look_forward_twice_trains_the_previous_box_head_through_the_next_layer(
     torch.testing.assert_close(boxes[True], boxes[False], rtol=0, atol=0)
     assert grads[False] is None or grads[False].abs().sum() == 0
     assert grads[True].abs().sum() > 0
+
+
+def test_deformable_two_stage_proposals_are_class_agnostic(batch):
+    # Deformable DETR trains its proposals as one class: the proposal loss must not see the labels, the
+    # decoder's must
+    config = OPTIONS["deformable_two_stage"]
+    torch.manual_seed(0)
+    model = detr.build_detr(config).train()
+    criterion = SetCriterion.from_config(config)
+    outputs = model(batch.images)
+    relabeled = [{**t, "labels": (t["labels"] + 1) % config.num_classes} for t in batch.targets]
+    a, b = criterion(outputs, batch.targets).terms, criterion(outputs, relabeled).terms
+    assert torch.equal(a["loss_ce_enc"], b["loss_ce_enc"]) and torch.equal(a["loss_bbox_enc"], b["loss_bbox_enc"])
+    assert not torch.equal(a["loss_ce"], b["loss_ce"])
+    proposals = outputs["enc_outputs"]
+    assert proposals.class_agnostic and proposals.pred_logits.shape[-1] == config.num_classes
+
+
+def test_deformable_decoder_samples_around_each_querys_reference(batch, monkeypatch):
+    # The cross-attention's reference points are the queries' references scaled by the valid ratios; with
+    # box refinement, the refined box of the previous layer (4-d) from the second layer on.
+    config = OPTIONS["deformable_refine"]
+    torch.manual_seed(0)
+    model = detr.build_detr(config).eval()
+    seen = []
+    for layer in model.transformer.decoder.layers:
+        layer.multihead_attn.register_forward_hook(lambda m, args, out: seen.append(args[1].detach()))
+    images = [batch.images.pixels[0], batch.images.pixels[1][:, :48, :40]]  # the second one padded
+    with torch.no_grad():
+        features = model.forward_features(images)
+    ratios = features.levels.valid_ratios  # [B, L, 2]
+    q = model.deformable_queries
+    position = q.query_embed.weight[:, : config.transformer.hidden_dim]
+    initial = q.reference_points(position).sigmoid()  # [Q, 2]
+    torch.testing.assert_close(seen[0], initial[None, :, None] * ratios[:, None], rtol=0, atol=1e-6)
+    refined = features.boxes[0]  # [B, Q, 4] the first layer's box
+    torch.testing.assert_close(seen[1], refined[:, :, None] * torch.cat([ratios, ratios], -1)[:, None],
+                               rtol=0, atol=1e-6)
+    assert ratios[1, 0].tolist() != [1.0, 1.0] and ratios[0].eq(1).all()
 
 
 def test_proposal_cells_follow_the_unpadded_image():

@@ -246,15 +246,18 @@ class SetCriterion(nn.Module):
     ) -> Tensor:
         """Class loss of the encoder's proposals over their valid tokens. Focal (default): sigmoid focal loss
         over the K classes, summed and divided by the number of boxes, so that the few matched tokens are not
-        drowned by hundreds of background ones as in a mean. ``ce``: the decoder's weighted cross-entropy."""
+        drowned by hundreds of background ones as in a mean. ``ce``: the decoder's weighted cross-entropy.
+        Class-agnostic proposals (Deformable DETR's two-stage: K logits, no no-object column) are always focal."""
         logits, valid = proposals["pred_logits"].float(), proposals["valid"]  # [B, N, K+1], [B, N]
         matched_labels = torch.cat(
             [t["labels"][j] for t, j in zip(targets, match.target_per_image, strict=True)]
         ).to(logits.device)  # [M]
-        if self.loss_config.proposal_loss == "focal":
-            onehot = torch.zeros_like(logits[..., :-1])  # [B, N, K]: the no-object column is unused
+        agnostic = getattr(proposals, "class_agnostic", False)
+        if agnostic or self.loss_config.proposal_loss == "focal":
+            scores = logits if agnostic else logits[..., :-1]  # [B, N, K]: the no-object column is unused
+            onehot = torch.zeros_like(scores)
             onehot[match.batch, match.query, matched_labels] = 1
-            return (focal_terms(logits[..., :-1], onehot) * valid[..., None]).sum() / num_boxes
+            return (focal_terms(scores, onehot) * valid[..., None]).sum() / num_boxes
         target_classes = torch.full(logits.shape[:2], self.num_classes, dtype=torch.int64, device=logits.device)
         target_classes[match.batch, match.query] = matched_labels
         weight = self.empty_weight.float()[target_classes] * valid  # [B, N]
@@ -316,10 +319,13 @@ class SetCriterion(nn.Module):
                     final_indices = indices
         proposals = outputs.get("enc_outputs")
         if proposals is not None:  # two-stage: the encoder's proposals, matched over all valid tokens
-            indices = self.matcher(proposals, targets, focal=cfg.proposal_loss == "focal", valid=proposals["valid"])
+            agnostic = getattr(proposals, "class_agnostic", False)  # Deformable DETR's: every object is class 0
+            found = [{**t, "labels": torch.zeros_like(t["labels"])} for t in targets] if agnostic else targets
+            indices = self.matcher(proposals, found, focal=agnostic or cfg.proposal_loss == "focal",
+                                   valid=proposals["valid"])
             match = _Match.build(indices, proposals["pred_logits"].device)
-            acc.add("loss_ce", "_enc", self.loss_proposal_labels(proposals, targets, match, num_boxes))
-            acc.add_boxes("_enc", *self.loss_boxes(proposals["pred_boxes"], targets, match, num_boxes))
+            acc.add("loss_ce", "_enc", self.loss_proposal_labels(proposals, found, match, num_boxes))
+            acc.add_boxes("_enc", *self.loss_boxes(proposals["pred_boxes"], found, match, num_boxes))
         denoising = outputs.get("dn_outputs")
         if denoising is not None:
             for name, suffix, value in self.denoising_terms(denoising, num_boxes):
