@@ -50,10 +50,18 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 def cmd_attention(args: argparse.Namespace) -> int:
     """Draw the decoder attention of the top detections and the encoder self-attention at a few
-    reference points of one image."""
+    reference points of one image; for a deformable-attention model, the sampling points of the top
+    detections' queries, per feature level."""
     from ..inference.attention import save_attention_figures
+    from ..inference.sampling import sampling_points, save_sampling_figure
 
     detector = _detector(args, args.threshold if args.threshold is not None else 0.0)
+    if getattr(detector.detection_model, "deformable", False):
+        sampled = sampling_points(detector, args.image, top_k=args.top_k, threshold=args.threshold)
+        path = save_sampling_figure(sampled, args.out, Path(args.image).stem)
+        print(json.dumps({"written": [str(path)], "detections": [d.to_dict() for d in sampled.detections],
+                          "feature_levels": [list(s) for s in sampled.level_sizes]}))
+        return 0
     maps = detector.attention(args.image, top_k=args.top_k, points=args.points, threshold=args.threshold)
     written = save_attention_figures(maps, args.out, Path(args.image).stem)
     print(json.dumps({"written": [str(p) for p in written], "detections": [d.to_dict() for d in maps.detections],
@@ -94,7 +102,8 @@ def add_parsers(subparsers: Any) -> None:
     p.add_argument("--no_progress", dest="progress", action="store_false")
     p.set_defaults(func=cmd_predict)
 
-    p = subparsers.add_parser("attention", help="draw decoder and encoder attention maps of one image")
+    p = subparsers.add_parser("attention", help="draw decoder and encoder attention maps of one image (deformable "
+                                                "attention: the sampling points of the top detections)")
     p.add_argument("image")
     _add_common(p)
     p.add_argument("--out", default="outputs/attention", help="output folder")

@@ -136,6 +136,9 @@ def attention_maps(
     model = detector.detection_model
     if not isinstance(model, DETR):
         raise TypeError(f"attention maps need a DETR model, got {type(model).__name__}")
+    if model.deformable:
+        raise TypeError("a deformable-attention model has no attention maps over the feature map: draw its "
+                        "sampling points (detr.inference.sampling.sampling_points; `detr attention` does)")
     decoder_layers, encoder_layers = model.transformer.decoder.layers, model.transformer.encoder.layers
     modules = {"decoder": decoder_layers[-1].multihead_attn}
     if len(encoder_layers) > 0:

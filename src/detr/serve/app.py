@@ -251,8 +251,10 @@ def create_app(detector: Detector, options: ServeOptions | None = None, *, model
         return JSONResponse(await run_job(request, "panoptic", params))
 
     async def attention(request: Request) -> Response:
-        if type(detector.detection_model).__name__ != "DETR":
-            raise Rejected(400, f"model {model_name} ({type(detector.model).__name__}) has no attention maps")
+        if type(detector.detection_model).__name__ != "DETR" or getattr(detector.detection_model, "deformable", False):
+            raise Rejected(400, f"model {model_name} ({type(detector.model).__name__}) has no attention maps"
+                           + (" (deformable attention: `detr attention` draws its sampling points)"
+                              if getattr(detector.detection_model, "deformable", False) else ""))
         params = AttentionParams(
             threshold=_float(request, "threshold", options.threshold, 0.0, 1.0),
             max_detections=_int(request, "max_detections", 10, 1, options.max_detections),
@@ -269,7 +271,7 @@ def create_app(detector: Detector, options: ServeOptions | None = None, *, model
             "num_queries": int(getattr(model, "num_queries", config.num_queries)),
             "class_names": {str(k): v for k, v in detector.class_names.items()},
             "panoptic": detector.is_panoptic,
-            "attention": type(model).__name__ == "DETR",
+            "attention": type(model).__name__ == "DETR" and not getattr(model, "deformable", False),
             "anchor_queries": bool(getattr(model, "anchor_queries", None) is not None),
             "config": config.to_dict() if hasattr(config, "to_dict") else None,
             "inference": {"device": str(detector.device), "size": detector.size, "max_size": detector.max_size,
