@@ -190,7 +190,9 @@ def ways_out(estimate: MemoryEstimate, stride: int, dropout: float = 0.0) -> lis
         out.append("fewer encoder layers (--enc_layers): each keeps its own attention maps")
     if estimate.batch_size > 1:
         out.append(f"--batch_size {max(1, estimate.batch_size // 2)} (memory is proportional to the batch)")
-    out.append("multi-scale deformable attention, whose memory grows linearly with the tokens, once it is an option")
+    if estimate.attention_bytes > estimate.total_bytes / 2:
+        out.append("--attention deformable (with --num_feature_levels 4 for small objects): a few sampling points "
+                   "per token instead of an attention map, so memory grows linearly with the tokens")
     return out
 
 
