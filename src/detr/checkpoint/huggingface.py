@@ -115,13 +115,20 @@ def hf_to_ours(state_dict: dict[str, Tensor], *, where: str | Path = "state dict
             f"{where}: the backbone is in the timm layout (use_timm_backbone=True), which is not supported; "
             "use weights saved with transformers' own ResNet (use_timm_backbone=False, the hub's 'no_timm' revisions)"
         )
+    return rename_and_pack(state_dict, hf_key_to_ours, model="DETR", where=where)
+
+
+def rename_and_pack(state_dict: dict[str, Tensor], rename: Callable[[str], str | None], *, model: str,
+                    where: str | Path) -> dict[str, Tensor]:
+    """Rename every weight with ``rename`` (None: not part of ``model``, an error naming the keys) and pack
+    each attention's separate q/k/v projections into ``in_proj_weight`` / ``in_proj_bias``."""
     ours: dict[str, Tensor] = {}
     qkv: dict[str, dict[str, Tensor]] = {}
     unknown = []
     for key, value in state_dict.items():
         if key.endswith("num_batches_tracked"):
             continue
-        new = hf_key_to_ours(key)
+        new = rename(key)
         if new is None:
             unknown.append(key)
         elif m := re.fullmatch(r"(.+\.(?:self_attn|multihead_attn))\.([qkv])_proj\.(weight|bias)", new):
@@ -129,7 +136,7 @@ def hf_to_ours(state_dict: dict[str, Tensor], *, where: str | Path = "state dict
         else:
             ours[new] = value
     if unknown:
-        raise CheckpointError(f"{where}: weights that are not part of a transformers DETR: {unknown[:6]}")
+        raise CheckpointError(f"{where}: weights that are not part of a transformers {model}: {unknown[:6]}")
     for key, parts in qkv.items():
         if parts.keys() != {"q", "k", "v"}:
             raise CheckpointError(f"{where}: {key} needs q, k and v projections, found only {sorted(parts)}")

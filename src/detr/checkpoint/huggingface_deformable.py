@@ -14,12 +14,11 @@ import re
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import Tensor
 
 from ..config import RESNETS, BackboneConfig, DetrConfig, LossConfig, MatcherConfig, QueryConfig, TransformerConfig
 from .formats import Checkpoint, CheckpointError
-from .huggingface import _HF_BACKBONE, _HF_RULES, _hf_layer, _read_hf_weights
+from .huggingface import _HF_BACKBONE, _HF_RULES, _hf_layer, _read_hf_weights, rename_and_pack
 
 HF_DEFORMABLE_MODEL_TYPE = "deformable_detr"
 _DEPTHS = {(2, 2, 2, 2): "resnet18", (3, 4, 6, 3): "resnet50", (3, 4, 23, 3): "resnet101"}
@@ -60,29 +59,14 @@ def hf_deformable_to_ours(state_dict: dict[str, Tensor], *, num_layers: int, box
                           where: str | Path = "state dict") -> dict[str, Tensor]:
     """Rename a transformers Deformable DETR state dict to our layout: pack the decoder self-attention's
     q/k/v, spread the (tied, saved once) heads over the layers that use them."""
-    ours: dict[str, Tensor] = {}
-    qkv: dict[str, dict[str, Tensor]] = {}
     heads: dict[tuple[str, int], dict[str, Tensor]] = {}
-    unknown = []
+    rest = {}
     for key, value in state_dict.items():
-        if key.endswith("num_batches_tracked"):
-            continue
         if m := _HEAD.fullmatch(key):
             heads.setdefault((m[1], int(m[2])), {})[m[3]] = value
-            continue
-        new = _rename(key)
-        if new is None:
-            unknown.append(key)
-        elif m := re.fullmatch(r"(.+\.self_attn)\.([qkv])_proj\.(weight|bias)", new):
-            qkv.setdefault(f"{m[1]}.in_proj_{m[3]}", {})[m[2]] = value
         else:
-            ours[new] = value
-    if unknown:
-        raise CheckpointError(f"{where}: weights that are not part of a transformers Deformable DETR: {unknown[:6]}")
-    for key, parts in qkv.items():
-        if parts.keys() != {"q", "k", "v"}:
-            raise CheckpointError(f"{where}: {key} needs q, k and v projections, found only {sorted(parts)}")
-        ours[key] = torch.cat([parts["q"], parts["k"], parts["v"]])  # [3C, C] or [3C]: q, k, v rows
+            rest[key] = value
+    ours = rename_and_pack(rest, _rename, model="Deformable DETR", where=where)
     for kind, ours_name in (("class_embed", "class_embed"), ("bbox_embed", "deformable_queries.box_heads")):
         indices = sorted(i for k, i in heads if k == kind)
         if not indices or indices[0] != 0:
