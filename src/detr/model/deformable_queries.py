@@ -88,9 +88,7 @@ class DeformableQueries(nn.Module):
 
     def propose(self, memory: Tensor, levels: FeatureLevels, count: int) -> SelectedProposals:
         """Two-stage: memory [B, S, C] -> one proposal per token and the ``count`` selected queries."""
-        b = memory.shape[0]
-        masks = [m.view(b, h, w) for m, (h, w) in zip(levels.padding_mask.split([h * w for h, w in levels.sizes], 1),
-                                                      levels.sizes, strict=True)]
+        masks = levels.masks()
         cells = torch.cat([cell_boxes(m, PROPOSAL_CELL * 2**level) for level, m in enumerate(masks)], 1)  # [B, S, 4]
         cells = cells.to(memory.dtype)
         inside = ((cells > 0.01) & (cells < 0.99)).all(-1)  # [B, S]: cells near the border propose nothing
