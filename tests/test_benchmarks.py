@@ -166,3 +166,12 @@ def test_convergence_run_spends_the_image_budget_and_tables_its_evaluations(tmp_
     cells = [c.strip() for c in table[2].strip("|").split("|")]
     assert cells[:2] == ["anchors", "0"]
     assert cells[3:] == [f"{e['AP']:.3f} / {e['AP50']:.3f}" for e in evals]
+
+
+def test_train_step_tiny_prints_images_per_second(capsys):
+    # --baseline: malloc left alone, since the tuning would last for the rest of this test process
+    assert _load("train_step").main(["--tiny", "--json", "--baseline"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["images_per_s"] > 0 and result["runs"] == 1 and not result["malloc_tuned"]
+    assert 0 < result["matcher_loss_share"] < 1
+    assert isinstance(result["native_bf16"], bool) and result["forward_seconds"] > 0

@@ -43,3 +43,36 @@ def test_large_blocks_are_reused():
     # none in 10, one 64 MiB block in 2), where untouched maps all 48 blocks of steps 8-23.
     assert min(untouched["faults"][1:]) > 0.9 * 3 * pages
     assert sum(tuned["faults"][8:]) <= 2 * pages, tuned["faults"]
+
+
+@pytest.mark.parametrize(("line", "native"), [
+    ("flags\t\t: fpu sse2 avx2 avx512f avx512_bf16 amx_tile", True),
+    ("flags\t\t: fpu sse2 avx2 amx_bf16 amx_tile", True),
+    ("Features\t: fp asimd bf16 i8mm", True),
+    ("flags\t\t: fpu sse2 avx2 avx512f avx512_vnni", False),
+])
+def test_native_bf16_reads_the_cpu_flags(tmp_path, monkeypatch, line, native):
+    from detr import runtime
+
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(f"processor\t: 0\nmodel name\t: Some CPU\n{line}\n\nprocessor\t: 1\n{line}\n")
+    monkeypatch.setattr(runtime, "CPUINFO", cpuinfo)
+    assert runtime.native_bf16("cpu") is native
+    monkeypatch.setattr(runtime, "CPUINFO", tmp_path / "missing")  # not Linux: nothing claimed
+    assert runtime.native_bf16("cpu") is False
+
+
+def test_bf16_on_a_cpu_without_bf16_warns(tmp_path, monkeypatch, recwarn):
+    import torch
+
+    from detr import runtime
+
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("flags\t\t: fpu avx2 avx512f\n")
+    monkeypatch.setattr(runtime, "CPUINFO", cpuinfo)
+    with pytest.warns(RuntimeWarning, match="without bf16 instructions"):
+        assert runtime.amp_dtype("bf16", "cpu") is torch.bfloat16
+    cpuinfo.write_text("flags\t\t: fpu avx2 avx512f avx512_bf16\n")
+    assert runtime.amp_dtype("bf16", "cpu") is torch.bfloat16
+    assert runtime.amp_dtype("fp32", "cpu") is None
+    assert not [w for w in recwarn if "bf16" in str(w.message)]

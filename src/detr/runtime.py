@@ -1,5 +1,5 @@
-"""Runtime settings: the autocast dtype of a precision flag, and process-level tuning for the
-command-line tools (never applied on import).
+"""Runtime settings: the autocast dtype of a precision flag (and whether the hardware runs it natively),
+and process-level tuning for the command-line tools (never applied on import).
 
 ``keep_freed_memory()``: glibc's malloc hands every block larger than 32 MiB straight back to the
 operating system when it is freed, so the next such block is mapped afresh and every page faults on
@@ -18,6 +18,8 @@ import ctypes.util
 import logging
 import os
 import sys
+import warnings
+from pathlib import Path
 
 import torch
 
@@ -48,9 +50,39 @@ def keep_freed_memory(trim_threshold: int = 1 << 30) -> bool:
     return applied
 
 
+CPUINFO = Path("/proc/cpuinfo")
+# x86: AVX512-BF16 (bf16 dot products) or AMX-BF16 (tile matmuls); Arm: the BF16 extension.
+CPU_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16", "bf16"})
+
+
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags as Linux lists them ("flags" on x86, "Features" on Arm); empty elsewhere."""
+    try:
+        text = CPUINFO.read_text()
+    except OSError:
+        return frozenset()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            return frozenset(value.split())
+    return frozenset()
+
+
+def native_bf16(device: torch.device | str) -> bool:
+    """Whether ``device`` has bf16 arithmetic in hardware (autocast to bf16 then pays; without it the CPU
+    emulates bf16 and runs several times slower than fp32). CUDA: ``torch.cuda.is_bf16_supported``
+    without emulation (Ampere and later); CPU: the avx512_bf16 / amx_bf16 (x86) or bf16 (Arm) flag."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
+    if device.type == "cpu":
+        return bool(cpu_flags() & CPU_BF16_FLAGS)
+    return False
+
+
 def amp_dtype(amp: str | None, device: torch.device | str) -> torch.dtype | None:
     """The autocast dtype of ``--amp`` / ``--precision``: None for None or "fp32", else bf16 or fp16
-    (fp16 only on CUDA)."""
+    (fp16 only on CUDA). bf16 on a CPU without bf16 instructions is allowed, with a warning: it is slower."""
     if amp is None or amp == "fp32":
         return None
     dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -58,4 +90,9 @@ def amp_dtype(amp: str | None, device: torch.device | str) -> torch.dtype | None
         raise ValueError(f"precision must be fp32, bf16 or fp16, got {amp!r}")
     if torch.device(device).type == "cpu" and amp == "fp16":
         raise ValueError("fp16 autocast is for CUDA; use bf16 on the CPU")
+    if amp == "bf16" and torch.device(device).type == "cpu" and not native_bf16(device):
+        message = ("bf16 requested on a CPU without bf16 instructions (no avx512_bf16, amx_bf16 or bf16 flag in "
+                   f"{CPUINFO}): PyTorch emulates bf16 there, which is several times slower than fp32")
+        log.warning(message)
+        warnings.warn(message, RuntimeWarning, stacklevel=2)
     return dtypes[amp]

@@ -59,6 +59,19 @@ class GroupNorm32(nn.GroupNorm):
         super().__init__(min(32, num_features), num_features)
 
 
+def conv_norm(conv: nn.Conv2d, norm: nn.Module, x: Tensor, *, fold: bool = True) -> Tensor:
+    """``norm(conv(x))``. While autograd records (training), a frozen BatchNorm is folded into the convolution:
+    conv(x; W * scale) + shift is one weight-sized multiply instead of two passes over the activation in the
+    forward and one in the backward; the gradient of W flows through the multiply (W' = W * scale). Without
+    autograd the two run as written (inference folds once and for all: ``detr.model.fuse``)."""
+    if fold and isinstance(norm, FrozenBatchNorm2d) and torch.is_grad_enabled():
+        scale, shift = norm.scale_and_shift()  # [C_out] each
+        weight = conv.weight * scale.reshape(-1, 1, 1, 1)  # [C_out, C_in, k, k]
+        bias = shift if conv.bias is None else conv.bias * scale + shift
+        return conv._conv_forward(x, weight, bias)
+    return norm(conv(x))
+
+
 def _conv3x3(cin: int, cout: int, stride: int = 1, dilation: int = 1) -> nn.Conv2d:
     return nn.Conv2d(cin, cout, 3, stride=stride, padding=dilation, dilation=dilation, bias=False)
 
@@ -68,9 +81,13 @@ def _conv1x1(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
 
 
 class _Block(nn.Module):
-    """A residual block: relu(main(x) + shortcut(x)); the subclasses build and run the main branch."""
+    """A residual block: relu(main(x) + shortcut(x)); the subclasses build and run the main branch.
+
+    ``fold_norms`` (default True): frozen norms folded into the convolutions in training (``conv_norm``).
+    """
 
     expansion = 1
+    fold_norms = True
 
     def __init__(
         self, cin: int, planes: int, *, stride: int, dilation: int, downsample: nn.Module | None, norm: NormLayer
@@ -86,8 +103,16 @@ class _Block(nn.Module):
     def _main(self, x: Tensor) -> Tensor:
         raise NotImplementedError
 
+    def _shortcut(self, x: Tensor) -> Tensor:
+        down = self.downsample
+        if down is None:
+            return x
+        if isinstance(down, nn.Sequential) and len(down) == 2 and isinstance(down[0], nn.Conv2d):
+            return conv_norm(down[0], down[1], x, fold=self.fold_norms)
+        return down(x)
+
     def forward(self, x: Tensor) -> Tensor:
-        identity = x if self.downsample is None else self.downsample(x)
+        identity = self._shortcut(x)
         out = self._main(x)
         out += identity  # in place: no new activation-sized tensor (autograd needs neither operand)
         return self.relu(out)
@@ -103,7 +128,9 @@ class BasicBlock(_Block):
         self.bn2 = norm(planes)
 
     def _main(self, x: Tensor) -> Tensor:
-        return self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)), inplace=True)))
+        fold = self.fold_norms
+        out = F.relu(conv_norm(self.conv1, self.bn1, x, fold=fold), inplace=True)
+        return conv_norm(self.conv2, self.bn2, out, fold=fold)
 
 
 class Bottleneck(_Block):
@@ -120,9 +147,10 @@ class Bottleneck(_Block):
         self.bn3 = norm(planes * self.expansion)
 
     def _main(self, x: Tensor) -> Tensor:
-        out = F.relu(self.bn1(self.conv1(x)), inplace=True)
-        out = F.relu(self.bn2(self.conv2(out)), inplace=True)
-        return self.bn3(self.conv3(out))
+        fold = self.fold_norms
+        out = F.relu(conv_norm(self.conv1, self.bn1, x, fold=fold), inplace=True)
+        out = F.relu(conv_norm(self.conv2, self.bn2, out, fold=fold), inplace=True)
+        return conv_norm(self.conv3, self.bn3, out, fold=fold)
 
 
 _ARCHS: dict[str, tuple[type[BasicBlock] | type[Bottleneck], tuple[int, int, int, int]]] = {
@@ -134,7 +162,17 @@ _ARCHS: dict[str, tuple[type[BasicBlock] | type[Bottleneck], tuple[int, int, int
 
 
 class ResNet(nn.Module):
-    """The convolutional trunk of a torchvision ResNet (no pooling head, no fc)."""
+    """The convolutional trunk of a torchvision ResNet (no pooling head, no fc).
+
+    Two training-only levers (applied while autograd records; inference has ``detr.model.fuse``), each measured
+    to pay on a 2-core CPU (docs/performance.md): ``fold_norms`` folds the frozen norms into the convolutions
+    (``conv_norm``; ``set_norm_folding`` switches a whole model), ``channels_last`` runs the trunk on
+    channels-last activations, the layout oneDNN's convolutions work in (NCHW ones are reordered around
+    every convolution, forward and backward). Both change float rounding only.
+    """
+
+    fold_norms = True
+    channels_last = True
 
     def __init__(self, name: str = "resnet50", *, dilation: bool = False, norm: NormLayer = FrozenBatchNorm2d):
         super().__init__()
@@ -187,11 +225,13 @@ class ResNet(nn.Module):
 
     def forward_stages(self, x: Tensor) -> list[Tensor]:
         """Outputs of layer1..layer4: strides 4, 8, 16, 32 (16 for layer4 with DC5)."""
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        if self.channels_last and torch.is_grad_enabled():
+            x = x.contiguous(memory_format=torch.channels_last)  # [B, 3, H, W], strides of [B, H, W, 3]
+        x = self.maxpool(self.relu(conv_norm(self.conv1, self.bn1, x, fold=self.fold_norms)))
         stages = []
         for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
             x = layer(x)
-            stages.append(x)
+            stages.append(x.contiguous())  # callers (the mask head's FPN) get the usual layout; x stays channels-last
         return stages
 
     def forward(self, x: Tensor) -> Tensor:
@@ -204,6 +244,13 @@ class ResNet(nn.Module):
         unexpected = [k for k in unexpected if not k.endswith("num_batches_tracked")]
         if missing or unexpected:
             raise ValueError(f"ResNet weights do not fit: missing {missing[:5]}, unexpected {unexpected[:5]}")
+
+
+def set_norm_folding(model: nn.Module, enabled: bool) -> None:
+    """Fold (True, the default) or not the frozen norms of every ResNet trunk in ``model`` while training."""
+    for module in model.modules():
+        if isinstance(module, (ResNet, _Block)):
+            module.fold_norms = enabled
 
 
 class SmallConvNet(nn.Module):
