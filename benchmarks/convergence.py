@@ -18,6 +18,15 @@ Output: one JSON line per evaluation and per 50 steps in OUT/NAME_sSEED.jsonl (r
 at the end one line per run: {"set", "seed", "images_per_s", "evals": [[train_s, AP, AP50], ...]}.
 ``--jobs 2 --threads 1`` runs two option sets at once, one thread each (the best use of 2 cores);
 ``--table FILE...`` prints the markdown table of finished runs instead of training.
+
+``--small`` trains and scores on the small-objects variant instead (3-10 shapes of 4-24 px on 256 px
+images, ``detr.demo.SMALL_SHAPES``: every object is COCO "small", so AP is APs; each evaluation line also
+has APs, APm, APl), e.g. single-scale two-stage against multi-scale deformable attention at equal images:
+
+    python benchmarks/convergence.py --small --images 6000 --eval_every_images 2000 --jobs 2 \\
+        --set "two-stage=--anchor_queries --two_stage" \\
+        --set "deformable=--attention deformable --num_feature_levels 3 --box_refine --two_stage" \\
+        --out outputs/convergence-small
 """
 
 from __future__ import annotations
@@ -80,7 +89,7 @@ def run_one(args: argparse.Namespace) -> int:
         eval_every_steps=(args.eval_every_images // flags.batch_size if args.images else args.eval_every_steps)
         if steps is not None else None,
     )
-    task = shapes_task(Path(args.out) / "shapes", args.seed)
+    task = shapes_task(Path(args.out) / "shapes", args.seed, small=args.small)
     log_file = JsonLog(Path(args.log))
     try:
         params = sum(p.numel() for p in build_detr(config).parameters())
@@ -135,6 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--jobs", type=int, default=1, help="runs at once")
     p.add_argument("--threads", type=int, default=1, help="torch threads per run")
     p.add_argument("--out", default="outputs/convergence")
+    p.add_argument("--small", action="store_true", help="the small-objects task (4-24 px shapes on 256 px images)")
     p.add_argument("--table", type=Path, nargs="+", default=None, help="print the table of these run logs")
     p.add_argument("--marks", type=float, nargs="+", default=[5, 10],
                    help="minutes to report in the table (thousands of images with --images or --by_images)")
@@ -156,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     from detr.demo import shapes_task
 
-    shapes_task(out / "shapes")  # the held-out split, written once before the runs read it
+    shapes_task(out / "shapes", small=args.small)  # the held-out split, written once before the runs read it
     queue = [(name, flags, seed) for seed in args.seeds for name, _, flags in (s.partition("=") for s in args.set)]
     running: list[tuple[subprocess.Popen, Path]] = []
     logs = []
@@ -168,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
             cmd = [sys.executable, __file__, "--name", name, "--flags", flags, "--seed", str(seed), "--log", str(log),
                    "--base", args.base, "--threads", str(args.threads), "--out", str(out),
                    "--eval_every", str(args.eval_every), "--eval_every_steps", str(args.eval_every_steps)]
-            cmd += ["--eval_every_images", str(args.eval_every_images)]
+            cmd += ["--eval_every_images", str(args.eval_every_images)] + (["--small"] if args.small else [])
             if args.images is not None:
                 cmd += ["--images", str(args.images)]
             elif args.steps is not None:

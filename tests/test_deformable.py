@@ -255,3 +255,20 @@ def test_valid_ratios_and_reference_points_match_transformers():
     # the second image's first token: the centre of its valid 4x5 region's first cell, placed in level 1's
     # valid 2x3 region (the 3x4 map's fraction 3/4 x 2/3)
     assert torch.allclose(points[1, 0, 1], torch.tensor([0.5 / 5 * 3 / 4, 0.5 / 4 * 2 / 3]), atol=1e-7)
+
+
+def test_training_backward_is_the_gathers_own_gradient_in_float32():
+    # the gather core's backward goes through grid_sample's kernel (no index sort); it must be the gradient
+    # autograd takes through the embedding_bag formulation itself
+    from detr.model.deformable import _sample_by_gather
+
+    value, shapes, locations, weights = sampling_inputs(torch.float32, seed=6, b=2, q=30, heads=4, points=3, d=8)
+    locations = torch.rand(locations.shape, generator=torch.Generator().manual_seed(7)) * 1.4 - 0.2
+    grad_out = torch.randn(2, 30, 32, generator=torch.Generator().manual_seed(8))
+    grads = []
+    for core in (lambda *a: multiscale_deformable_sample(*a), _sample_by_gather):
+        inputs = [t.clone().requires_grad_() for t in (value, locations, weights)]
+        out = core(inputs[0], shapes, inputs[1], inputs[2])
+        grads.append(torch.autograd.grad(out, inputs, grad_out))
+    for ours, plain in zip(*grads, strict=True):
+        assert (ours - plain).abs().max() < 1e-5 * max(1.0, plain.abs().max())
