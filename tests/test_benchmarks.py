@@ -175,3 +175,22 @@ def test_train_step_tiny_prints_images_per_second(capsys):
     assert result["images_per_s"] > 0 and result["runs"] == 1 and not result["malloc_tuned"]
     assert 0 < result["matcher_loss_share"] < 1
     assert isinstance(result["native_bf16"], bool) and result["forward_seconds"] > 0
+
+
+def test_convergence_small_task_has_only_small_objects_and_scores_aps(tmp_path):
+    import torch
+
+    convergence = _load("convergence")
+    log = tmp_path / "two-stage_s0.jsonl"
+    argv = ["--name", "two-stage", "--flags", "--anchor_queries --two_stage --batch_size 2", "--seed", "0",
+            "--log", str(log), "--images", "2", "--eval_every_images", "2", "--out", str(tmp_path), "--small",
+            "--threads", str(torch.get_num_threads())]
+    assert convergence.main(argv) == 0
+    held_out = json.loads((tmp_path / "shapes" / "annotations" / "instances_val2017.json").read_text())
+    assert {(i["width"], i["height"]) for i in held_out["images"]} == {(256, 256)}
+    extents = [(a["bbox"][2] * a["bbox"][3]) ** 0.5 for a in held_out["annotations"]]
+    assert 4 - 0.5 <= min(extents) and max(extents) <= 24 + 0.5  # box extents 4-24 px (pixel-rounded polygons)
+    assert max(a["area"] for a in held_out["annotations"]) < 32 ** 2  # every object is COCO "small"
+    assert len(held_out["annotations"]) >= 3 * len(held_out["images"])
+    (evaluation,) = [json.loads(line) for line in log.read_text().splitlines() if '"eval"' in line]
+    assert {"APs", "APm", "APl"} <= set(evaluation) and evaluation["APm"] == evaluation["APl"] == -1.0
