@@ -1,6 +1,7 @@
 """Inference speed of Deformable DETR-R50 (4 levels, 6+6 layers, 300 queries) here and in transformers.
 
     python benchmarks/deformable_inference.py --json [--runs 5] [--variant plain|box-refine|two-stage]
+    python benchmarks/deformable_inference.py --profile   # where each system's time goes, by operator
 
 Both models carry the same (random) weights: transformers' ``DeformableDetrForObjectDetection`` is built,
 saved with ``save_pretrained`` and loaded here with ``detr.load_checkpoint``, as a user would. One 800x1066
@@ -50,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--variant", choices=sorted(VARIANTS), default="plain")
     p.add_argument("--size", type=int, nargs=2, default=SIZE, metavar=("H", "W"))
     p.add_argument("--json", action="store_true")
+    p.add_argument("--profile", action="store_true", help="print each system's top operators (one run) and stop")
     args = p.parse_args(argv)
     malloc_tuned = keep_freed_memory()
     torch.manual_seed(0)
@@ -71,6 +73,15 @@ def main(argv: list[str] | None = None) -> int:
 
     diff = max_abs_diff(run_ours(), run_hf())  # also the warm-up
     run_ours(), run_hf()
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        for name, fn in (("ours", run_ours), ("transformers", run_hf)):
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                fn()
+            print(f"--- {name}")
+            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
+        return 0
     times: dict[str, list[float]] = {"ours": [], "hf": []}
     for _ in range(args.runs):
         for name, fn in (("ours", run_ours), ("hf", run_hf)):
