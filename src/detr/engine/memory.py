@@ -129,8 +129,14 @@ def estimate_training_memory(
     finally:
         model.train(was_training)
     tokens = np.array([h * w for h, w in grids], dtype=np.float64)
-    # saved(N) = a N^2 + b N + c, exact through the three probes
-    a, b, c = np.polyfit(tokens, np.array([p.total for p in probes], dtype=np.float64), 2)
+    saved = np.array([p.total for p in probes], dtype=np.float64)
+    if any(p.largest_map for p in probes):  # saved(N) = a N^2 + b N + c, exact through the three probes
+        a, b, c = np.polyfit(tokens, saved, 2)
+    else:
+        # No token x token map is kept (deformable attention, a fused attention kernel): a line. A parabola
+        # through three small probes would read the levels' rounding of odd map sizes as N^2 growth and
+        # extrapolate it to GiB at the training size.
+        a, (b, c) = 0.0, np.polyfit(tokens, saved, 1)
     n = -(-image_hw[0] // stride) * -(-image_hw[1] // stride)
     quadratic = max(a, 0.0) * n * n
     per_image = quadratic + max(b, 0.0) * n + max(c, 0.0)
