@@ -1,6 +1,6 @@
 """One DETR-R50 training step (forward, matching, loss, backward, clip, step) at batch 2 of ~512x683 images.
 
-    python benchmarks/train_step.py --json [--runs 5] [--amp bf16] [--compare] [--profile]
+    python benchmarks/train_step.py --json [--runs 5] [--amp bf16] [--compare] [--profile] [--deformable]
 
 One JSON line: images/s and the median seconds of each phase; ``matcher_loss_share`` is the share of
 the step spent in the Hungarian matcher and the losses (the issue's goal: under 5%). The process
@@ -52,9 +52,9 @@ def targets(generator: torch.Generator, count: int, num_objects: int = 7) -> lis
     return out
 
 
-def ours_step(images: list[torch.Tensor], batch_targets: list[dict], amp: str) -> Step:
+def ours_step(images: list[torch.Tensor], batch_targets: list[dict], amp: str, name: str = "r50") -> Step:
     """Our training step as ``detr.engine.train.Stepper`` runs it: autocast forward, fp32 matching and loss."""
-    config = preset("r50")
+    config = preset(name)
     model = build_detr(config).train()
     criterion = SetCriterion.from_config(config)
     optimizer = build_optimizer(model, lr=1e-4, lr_backbone=1e-5, weight_decay=1e-4)
@@ -78,21 +78,32 @@ def ours_step(images: list[torch.Tensor], batch_targets: list[dict], amp: str) -
     return step
 
 
-def hf_model(defaults: bool = False) -> torch.nn.Module:
-    """transformers' DETR-R50 with random weights; unless ``defaults``, training what the paper trains."""
-    from transformers import DetrConfig, DetrForObjectDetection
+def hf_model(defaults: bool = False, deformable: bool = False) -> torch.nn.Module:
+    """transformers' DETR-R50 (or Deformable DETR-R50) with random weights; unless ``defaults``, training what
+    the paper trains."""
+    if deformable:
+        from transformers import DeformableDetrConfig, DeformableDetrForObjectDetection, ResNetConfig
 
-    same = {} if defaults else {"auxiliary_loss": True, "attention_dropout": 0.1, "activation_dropout": 0.1}
-    model = DetrForObjectDetection(DetrConfig(use_timm_backbone=False, use_pretrained_backbone=False,
-                                              num_labels=91, **same)).train()
+        # Deformable DETR trains with auxiliary losses and dropout 0.1 after each sublayer (no attention maps)
+        same = {} if defaults else {"auxiliary_loss": True, "activation_dropout": 0.1}
+        config = DeformableDetrConfig(use_timm_backbone=False, use_pretrained_backbone=False, num_labels=91,
+                                      backbone_config=ResNetConfig(out_features=["stage2", "stage3", "stage4"]),
+                                      **same)
+        model = DeformableDetrForObjectDetection(config).train()
+    else:
+        from transformers import DetrConfig, DetrForObjectDetection
+
+        same = {} if defaults else {"auxiliary_loss": True, "attention_dropout": 0.1, "activation_dropout": 0.1}
+        model = DetrForObjectDetection(DetrConfig(use_timm_backbone=False, use_pretrained_backbone=False,
+                                                  num_labels=91, **same)).train()
     if not defaults:  # stages 2-4 of the trunk train (its names are encoder.stages.1..3)
         for name, param in model.model.backbone.named_parameters():
             param.requires_grad_(".stages.0." not in name and ".embedder." not in name)
     return model
 
 
-def hf_step(images: list[torch.Tensor], batch_targets: list[dict], defaults: bool) -> Step:
-    model = hf_model(defaults)
+def hf_step(images: list[torch.Tensor], batch_targets: list[dict], defaults: bool, deformable: bool = False) -> Step:
+    model = hf_model(defaults, deformable)
     # The reference trains with torch's AdamW as it comes, same groups and learning rates as ours.
     optimizer = torch.optim.AdamW(parameter_groups(model, 1e-4, 1e-5), lr=1e-4, weight_decay=1e-4)
     height, width = (max(s) for s in zip(*(x.shape[-2:] for x in images), strict=True))
@@ -147,8 +158,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--profile", action="store_true", help="print the top operators of our step to stderr")
     p.add_argument("--tiny", action="store_true", help="64x96 images, one run (a smoke test)")
     p.add_argument("--baseline", action="store_true", help="leave malloc alone (before the speed work)")
+    p.add_argument("--deformable", action="store_true",
+                   help="Deformable DETR-R50 (preset deformable-r50; transformers' DeformableDetrForObjectDetection)")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
+    model_name = "deformable-r50" if args.deformable else "r50"
     runs = 1 if args.tiny else args.runs
     malloc_tuned = False if args.baseline else keep_freed_memory()
     torch.manual_seed(0)
@@ -156,11 +170,11 @@ def main(argv: list[str] | None = None) -> int:
     sizes = TINY_SIZES if args.tiny else SIZES
     images = [torch.randn(3, *size, generator=g) for size in sizes]
     batch_targets = targets(g, len(images))
-    systems: dict[str, Step] = {"ours": ours_step(images, batch_targets, args.amp)}
+    systems: dict[str, Step] = {"ours": ours_step(images, batch_targets, args.amp, model_name)}
     if args.amp != "fp32":
-        systems["ours_fp32"] = ours_step(images, batch_targets, "fp32")
+        systems["ours_fp32"] = ours_step(images, batch_targets, "fp32", model_name)
     if args.compare:
-        systems["reference"] = hf_step(images, batch_targets, args.hf_defaults)
+        systems["reference"] = hf_step(images, batch_targets, args.hf_defaults, args.deformable)
     times: dict[str, list[dict[str, float]]] = {name: [] for name in systems}
     for run in range(runs + 1):  # the first round is a warm-up
         for name, step in systems.items():
@@ -170,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.profile:
         print(profile_table(systems["ours"]), file=sys.stderr)
     result: dict = {
-        "batch": len(images), "sizes": sizes, "runs": runs, "threads": torch.get_num_threads(),
+        "model": model_name, "batch": len(images), "sizes": sizes, "runs": runs, "threads": torch.get_num_threads(),
         "malloc_tuned": malloc_tuned, "amp": args.amp, "native_bf16": native_bf16("cpu"),
         **summary(times["ours"], len(images)),
     }

@@ -177,6 +177,16 @@ def test_train_step_tiny_prints_images_per_second(capsys):
     assert isinstance(result["native_bf16"], bool) and result["forward_seconds"] > 0
 
 
+def test_train_step_deformable_times_ours_against_transformers_deformable_detr(capsys):
+    pytest.importorskip("transformers")
+    assert _load("train_step").main(["--tiny", "--json", "--baseline", "--deformable", "--compare"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["model"] == "deformable-r50" and result["reference_config"] == "trains what ours trains"
+    assert result["images_per_s"] > 0 and result["reference"]["images_per_s"] > 0
+    assert result["speedup_vs_reference"] == pytest.approx(
+        result["reference"]["step_seconds"] / result["step_seconds"], rel=1e-2)
+
+
 def test_convergence_small_task_has_only_small_objects_and_scores_aps(tmp_path):
     import torch
 
