@@ -86,6 +86,13 @@ def _sample_by_gather(value: Tensor, spatial_shapes: Tensor, sampling_locations:
     return out.view(b, q, n_heads * d)
 
 
+def _grid_layout(sampling_locations: Tensor, attention_weights: Tensor) -> tuple[Tensor, Tensor]:
+    """``grid_sample``'s layout: heads folded into the batch, points before queries ->
+    (grids [B*H, L, P, Q, 2] in [-1, 1], weights [B*H, L, P, Q])."""
+    grids = (2 * sampling_locations - 1).permute(0, 2, 3, 4, 1, 5).flatten(0, 1)
+    return grids, attention_weights.permute(0, 2, 3, 4, 1).flatten(0, 1)
+
+
 def _sample_by_grid(value: Tensor, spatial_shapes: Tensor, sampling_locations: Tensor,
                     attention_weights: Tensor) -> Tensor:
     """The core with ``F.grid_sample`` per level, heads folded into the batch (the formulation ONNX can
@@ -94,8 +101,7 @@ def _sample_by_grid(value: Tensor, spatial_shapes: Tensor, sampling_locations: T
     b, s, n_heads, d = value.shape
     _, q, _, n_levels, n_points, _ = sampling_locations.shape
     sizes = [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
-    grids = (2 * sampling_locations - 1).permute(0, 2, 3, 4, 1, 5).flatten(0, 1)  # [B*H, L, P, Q, 2]
-    weights = attention_weights.permute(0, 2, 3, 4, 1).flatten(0, 1)  # [B*H, L, P, Q]
+    grids, weights = _grid_layout(sampling_locations, attention_weights)  # [B*H, L, P, Q, 2], [B*H, L, P, Q]
     out = value.new_zeros(b * n_heads, d, q)
     for level, values in enumerate(value.split([h * w for h, w in sizes], 1)):
         h, w = sizes[level]
@@ -133,8 +139,7 @@ class _GatherSample(torch.autograd.Function):
         dtype = torch.promote_types(value.dtype, locations.dtype)
         # the layout of _sample_by_grid: heads folded into the batch, points before queries
         g = grad_out.to(dtype).view(b, q, n_heads, d).permute(0, 2, 3, 1).reshape(b * n_heads, d, 1, q)  # [BH,D,1,Q]
-        grids = (2 * locations.to(dtype) - 1).permute(0, 2, 3, 4, 1, 5).flatten(0, 1)  # [B*H, L, P, Q, 2]
-        w = weights.to(dtype).permute(0, 2, 3, 4, 1).flatten(0, 1)  # [B*H, L, P, Q]
+        grids, w = _grid_layout(locations.to(dtype), weights.to(dtype))  # [B*H, L, P, Q, 2], [B*H, L, P, Q]
         grad_values, grad_grids, grad_weights = [], [], []
         for level, values in enumerate(value.to(dtype).split([h * w_ for h, w_ in ctx.sizes], 1)):
             h, w_ = ctx.sizes[level]
