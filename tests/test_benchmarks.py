@@ -178,7 +178,6 @@ def test_train_step_tiny_prints_images_per_second(capsys):
 
 
 def test_train_step_deformable_times_ours_against_transformers_deformable_detr(capsys):
-    pytest.importorskip("transformers")
     assert _load("train_step").main(["--tiny", "--json", "--baseline", "--deformable", "--compare"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["model"] == "deformable-r50" and result["reference_config"] == "trains what ours trains"
