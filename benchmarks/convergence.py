@@ -10,7 +10,7 @@ batch size steps, so sets with other batch sizes see as many images).
 Each ``--set NAME=FLAGS`` is the base configuration (``--base``, default: the demo's model with every
 convergence option off: a small stride-8 GroupNorm CNN, hidden 128, 2 + 3 layers, 20 queries) with
 ``detr train``'s model flags applied, plus the stream flags of this script in FLAGS (``--lr``,
-``--batch_size``, ``--ema``, ``--lr_drop``, ``--warmup_steps``). Every run sees fresh training images
+``--batch_size``, ``--ema``, ``--lr_drop``, ``--warmup_steps``, ``--amp bf16``). Every run sees fresh training images
 (the demo's stream, seeded) and is scored on the demo's fixed 128 held-out images every
 ``--eval_every`` minutes of training time (evaluations do not count against the budget).
 
@@ -61,6 +61,7 @@ def stream_flags() -> argparse.ArgumentParser:
     p.add_argument("--warmup_steps", type=int, default=0)
     p.add_argument("--clip_max_norm", type=float, default=0.1)
     p.add_argument("--weight_decay", type=float, default=1e-4)
+    p.add_argument("--amp", choices=("fp32", "bf16"), default="fp32", help="autocast the forward (bf16)")
     return p
 
 
@@ -84,7 +85,7 @@ def run_one(args: argparse.Namespace) -> int:
     schedule = StreamSchedule(
         **budget, batch_size=flags.batch_size, lr=flags.lr, lr_backbone=flags.lr_backbone,
         weight_decay=flags.weight_decay, clip_max_norm=flags.clip_max_norm, lr_drop=flags.lr_drop,
-        warmup_steps=flags.warmup_steps, ema=flags.ema,
+        warmup_steps=flags.warmup_steps, ema=flags.ema, amp=flags.amp,
         eval_every_minutes=args.eval_every if steps is None else None,
         eval_every_steps=(args.eval_every_images // flags.batch_size if args.images else args.eval_every_steps)
         if steps is not None else None,

@@ -156,6 +156,7 @@ def main(argv: list[str] | None = None) -> int:
                    help='model flags of detr train on top of the overfit model, e.g. "--anchor_queries --two_stage"')
     p.add_argument("--ema", type=float, default=None, help="evaluate an EMA of the weights with this decay")
     p.add_argument("--eval_every", type=int, default=0, help="epochs between evaluations (0: at the end)")
+    p.add_argument("--amp", choices=("bf16", "fp16"), default=None, help="detection: train under autocast (detr train's)")
     args = p.parse_args(argv)
     if (args.pretrained or args.unfrozen) and not args.masks:
         p.error("--pretrained and --unfrozen are for the mask stage: they need --masks")
@@ -186,7 +187,7 @@ def detection_main(args: argparse.Namespace) -> dict:
             resume=args.resume,
             batch_size=args.batch_size, lr=args.lr, lr_backbone=args.lr, seed=args.seed, num_workers=0,
             augment=False, train_scales=[args.size], val_scale=args.size, max_size=args.max_size,
-            eval_every=args.eval_every, progress=not args.json, device=args.device, ema=args.ema,
+            eval_every=args.eval_every, progress=not args.json, device=args.device, ema=args.ema, amp=args.amp,
         )
         record = train(config, options)
     result = {
@@ -194,7 +195,7 @@ def detection_main(args: argparse.Namespace) -> dict:
         "epochs": args.epochs, "lr_drop": options.optim.lr_drop,
         "images": n_images, "objects": n_objects, "size": args.size,
         "final_loss": record["train_loss"], "threads": torch.get_num_threads(), "resumed_from": args.resume,
-        "device": args.device, "variant": args.variant, "ema": args.ema,
+        "device": args.device, "variant": args.variant, "ema": args.ema, "amp": args.amp,
     }
     return result
 

@@ -138,3 +138,16 @@ def test_conv_norm_folds_only_frozen_norms_under_autograd():
     torch.testing.assert_close(folded, norm(conv(x)), rtol=1e-5, atol=1e-6)
     with torch.no_grad():
         torch.testing.assert_close(conv_norm(conv, norm, x), norm(conv(x)), rtol=0, atol=0)  # as written
+
+
+def test_the_stages_a_caller_takes_are_the_last_ones_in_the_usual_layout():
+    torch.manual_seed(0)
+    backbone = Backbone(BackboneConfig(name="resnet18"), num_outputs=2).train()
+    pixels = torch.randn(1, 3, 96, 128)
+    features, masks = backbone(pixels, torch.zeros(1, 96, 128, dtype=torch.bool))  # autograd on: channels-last trunk
+    every = backbone.body.forward_stages(pixels)
+    assert [f.shape for f in features] == [e.shape for e in every[-2:]] == [(1, 256, 6, 8), (1, 512, 3, 4)]
+    for feature, expected in zip(features, every[-2:], strict=True):
+        assert feature.is_contiguous()  # NCHW for the projection and the mask head
+        torch.testing.assert_close(feature, expected, rtol=0, atol=0)
+    assert [m.shape for m in masks] == [(1, 6, 8), (1, 3, 4)]

@@ -15,6 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
+from detr import demo as demo_module
 from detr.boxes import box_iou, xywh_to_xyxy
 from detr.checkpoint import CheckpointError, load_checkpoint, read_checkpoint, save_checkpoint
 from detr.checkpoint.ours import save_state_dict
@@ -22,7 +23,7 @@ from detr.cli import main
 from detr.config import preset
 from detr.data.coco import load_coco
 from detr.data.shapes import generate_shapes
-from detr.demo import DEMO_INPUT, run_demo
+from detr.demo import DEMO_INPUT, demo_precision, run_demo
 from detr.inference.predictor import Detector
 from detr.model import build_detr
 from detr.preprocessing import IMAGENET_MEAN, InputConfig, resolve_input
@@ -103,9 +104,16 @@ def test_predict_defaults_to_the_trained_size(small_run, tmp_path, capsys):
     assert misses_at_800 >= 3  # what the 800-px default gave: wrong answers, not an error
 
 
-def test_demo_checkpoint_eval_reproduces_the_demos_ap(tmp_path, capsys):
-    """`detr eval` of the demo's checkpoint on its held-out folder, no size flags: the demo's numbers."""
-    result = run_demo(tmp_path / "demo", minutes=0.05, progress=False, draw=1)
+def test_demo_checkpoint_eval_reproduces_the_demos_ap(tmp_path, capsys, caplog, monkeypatch):
+    """`detr eval` of the demo's checkpoint on its held-out folder, no size flags: the demo's numbers. The demo
+    trains under bf16 autocast on a CPU with bf16 instructions (here made to look like one) and says so."""
+    monkeypatch.setattr(demo_module, "native_bf16", lambda device: True)
+    with caplog.at_level(logging.INFO, logger="detr.demo"):
+        result = run_demo(tmp_path / "demo", minutes=0.05, progress=False, draw=1)
+    assert result["precision"] == "bf16"
+    assert "training precision: bf16 autocast (this CPU has bf16 instructions)" in caplog.text
+    config = json.loads((tmp_path / "demo" / "run" / "log.jsonl").read_text().splitlines()[0])
+    assert config["schedule"]["amp"] == "bf16"
     checkpoint = read_checkpoint(result["checkpoint"])
     assert checkpoint.input == DEMO_INPUT
     assert main(["eval", "--checkpoint", result["checkpoint"], "--coco_path", str(tmp_path / "demo" / "shapes"),
@@ -114,6 +122,15 @@ def test_demo_checkpoint_eval_reproduces_the_demos_ap(tmp_path, capsys):
     assert metrics["num_images"] == 128
     for name in ("AP", "AP50", "AP75"):
         assert abs(metrics["bbox"][name] - result[name]) <= 1e-3, (name, metrics["bbox"][name], result[name])
+
+
+def test_demo_precision_follows_the_cpu_unless_asked(monkeypatch):
+    for native, auto in ((True, "bf16"), (False, "fp32")):
+        monkeypatch.setattr(demo_module, "native_bf16", lambda device, native=native: native)
+        assert demo_precision() == auto
+        assert demo_precision("fp32") == "fp32" and demo_precision("bf16") == "bf16"
+    with pytest.raises(ValueError, match="auto, fp32 or bf16"):
+        demo_precision("fp16")
 
 
 # --- the stored record and its resolution ------------------------------------------------------------------

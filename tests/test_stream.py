@@ -127,6 +127,22 @@ def test_step_budget_lr_drop_warmup_and_evaluations(tmp_path, monkeypatch):
         torch.testing.assert_close(v, average[k])
 
 
+def test_amp_autocasts_the_forward_of_each_step():
+    config = tiny_config()
+    stream = ShapesStream(ShapesParams(num_train=0, num_val=0, image_size=64, seed=2, **SHAPES))
+    dtypes = []
+    for amp in (None, "bf16"):
+        torch.manual_seed(0)
+        model = detr.build_detr(config)
+        hook = model.class_embed.register_forward_hook(lambda m, args, out: dtypes.append(out.dtype))
+        schedule = StreamSchedule(steps=2, batch_size=2, amp=amp)
+        result = train_on_stream(model, SetCriterion.from_config(config), stream.batch, schedule, progress=False)
+        hook.remove()
+        assert all(math.isfinite(v) for v in result.last_losses.values())
+        assert all(p.dtype == torch.float32 for p in model.parameters())  # the weights stay fp32
+    assert dtypes == [torch.float32] * 2 + [torch.bfloat16] * 2
+
+
 def test_ema_is_the_decayed_average():
     model = torch.nn.Linear(2, 1)
     ema = ModelEMA(model, decay=0.9, warmup=1.0)

@@ -62,7 +62,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from ..demo import run_demo
 
-    result = run_demo(args.output_dir, minutes=args.minutes, seed=args.seed, progress=args.progress)
+    result = run_demo(args.output_dir, minutes=args.minutes, seed=args.seed, progress=args.progress, amp=args.amp)
     print(json.dumps(result))
     print(f"held-out AP {result['AP']:.3f}, AP50 {result['AP50']:.3f} after {result['train_seconds']:.0f} s of "
           f"training ({result['images']} images); drawings in {Path(args.output_dir) / 'predictions'}")
@@ -148,6 +148,9 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--output_dir", default="outputs/demo")
     p.add_argument("--minutes", type=float, default=None, help="training time budget (default: the demo's)")
     p.add_argument("--seed", type=int, default=0, help="model initialization and training images")
+    p.add_argument("--amp", choices=("auto", "fp32", "bf16"), default="auto",
+                   help="training precision: auto = bf16 autocast where the CPU has bf16 instructions (avx512_bf16, "
+                        "amx_bf16 or Arm bf16), else fp32")
     p.add_argument("--no_progress", dest="progress", action="store_false")
     p.set_defaults(func=cmd_demo)
 

@@ -21,6 +21,7 @@ from torch import nn
 from .. import distributed as dist_utils
 from ..data.batch import DetectionBatch
 from ..loss import SetCriterion
+from ..runtime import amp_dtype
 from .ema import ModelEMA
 from .log import JsonLog
 from .optim import build_optimizer
@@ -46,6 +47,7 @@ class StreamSchedule:
     lr_drop: float = 0.8  # learning rates x0.1 after this fraction of the budget (1: never)
     warmup_steps: int = 0  # linear warm-up of the learning rates
     ema: float | None = None
+    amp: str | None = None  # "bf16" (or "fp16" on CUDA): autocast the forward (``detr.runtime.amp_dtype``)
     eval_every_minutes: float | None = None  # evaluations during training (the end is always evaluated)
     eval_every_steps: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # recorded in the log, not used
@@ -90,7 +92,9 @@ def train_on_stream(
     base_lrs = [group["lr"] for group in optimizer.param_groups]
     ema = ModelEMA(model, schedule.ema) if schedule.ema else None
     train_model = dist_utils.wrap_for_training(model, device)
-    stepper = Stepper(train_model, criterion, optimizer, device, schedule.clip_max_norm, ema=ema)
+    autocast = amp_dtype(schedule.amp, device)
+    stepper = Stepper(train_model, criterion, optimizer, device, schedule.clip_max_norm, autocast,
+                      torch.amp.GradScaler("cuda") if autocast == torch.float16 else None, ema)
     evaluated = ema.module if ema is not None else model
     bar = _ProgressBar(schedule) if progress and info.is_main else None
 

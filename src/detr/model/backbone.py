@@ -223,19 +223,21 @@ class ResNet(nn.Module):
         ]
         return nn.Sequential(*blocks)
 
-    def forward_stages(self, x: Tensor) -> list[Tensor]:
-        """Outputs of layer1..layer4: strides 4, 8, 16, 32 (16 for layer4 with DC5)."""
+    def forward_stages(self, x: Tensor, last: int = 4) -> list[Tensor]:
+        """Outputs of the ``last`` stages of layer1..layer4: strides 4, 8, 16, 32 (16 for layer4 with DC5)."""
         if self.channels_last and torch.is_grad_enabled():
             x = x.contiguous(memory_format=torch.channels_last)  # [B, 3, H, W], strides of [B, H, W, 3]
         x = self.maxpool(self.relu(conv_norm(self.conv1, self.bn1, x, fold=self.fold_norms)))
         stages = []
         for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
             x = layer(x)
-            stages.append(x.contiguous())  # callers (the mask head's FPN) get the usual layout; x stays channels-last
-        return stages
+            stages.append(x)
+        # callers (the projection, the mask head's FPN) get the usual layout; only the stages they take
+        # are copied out of channels-last (layer1's alone is 45 MB at batch 2 of 512x683)
+        return [stage.contiguous() for stage in stages[4 - last:]]
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.forward_stages(x)[-1]
+        return self.forward_stages(x, last=1)[0]
 
     def load_torchvision_state_dict(self, state_dict: dict[str, Tensor]) -> None:
         """Load ImageNet weights saved from torchvision's ResNet (the fc layer is ignored)."""
@@ -276,12 +278,13 @@ class SmallConvNet(nn.Module):
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
-    def forward_stages(self, x: Tensor) -> list[Tensor]:
+    def forward_stages(self, x: Tensor, last: int | None = None) -> list[Tensor]:
+        """Outputs of the ``last`` stages (default all), finest first."""
         outputs = []
         for stage in self.stages:
             x = stage(x)
             outputs.append(x)
-        return outputs
+        return outputs[len(outputs) - (last or len(outputs)):]
 
 
 _NORMS: dict[str, NormLayer] = {"frozen_bn": FrozenBatchNorm2d, "group_norm": GroupNorm32}
@@ -315,6 +318,6 @@ class Backbone(nn.Module):
             param.requires_grad_(config.trainable and not name.startswith(frozen))
 
     def forward(self, pixels: Tensor, padding_mask: Tensor) -> tuple[list[Tensor], list[Tensor]]:
-        stages = self.body.forward_stages(pixels)[-self.num_outputs:]
+        stages = self.body.forward_stages(pixels, last=self.num_outputs)
         masks = [downsample_mask(padding_mask, feature.shape[-2:]) for feature in stages]
         return stages, masks

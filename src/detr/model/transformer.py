@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from ..config import TransformerConfig
 from .deformable import MultiScaleDeformableAttention
+from .dropout import Dropout, dropout
 from .levels import FeatureLevels
 
 
@@ -69,20 +70,34 @@ class MultiheadAttention(nn.Module):
             allowed = ~key_padding_mask[:, None, None, :]  # [B, 1, 1, Lk]
         if attn_mask is not None:
             allowed = attn_mask if allowed is None else allowed & attn_mask
-        attn_mask = allowed
-        dropout = self.dropout if self.training else 0.0
-        weights = None
-        if self.keep_weights:
-            scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)  # [B, h, Lq, Lk]
-            if attn_mask is not None:
-                scores = scores.masked_fill(~attn_mask, float("-inf"))
-            probs = scores.softmax(-1)
-            weights = probs.mean(dim=1)
-            out = F.dropout(probs, dropout, self.training) @ v
-        else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout)
+        out, weights = _attention_core(q, k, v, allowed, self.dropout if self.training else 0.0, self.keep_weights)
         out = out.transpose(1, 2).flatten(2)  # [B, Lq, E]
         return self.out_proj(out), weights
+
+
+def _attention_core(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor | None, dropout_p: float,
+                    keep_weights: bool) -> tuple[Tensor, Tensor | None]:
+    """softmax(q k^T / sqrt(d) where allowed) v with dropout on the weights: q [B, h, Lq, d], k/v [B, h, Lk, d]
+    -> [B, h, Lq, d], and with ``keep_weights`` the head-averaged weights [B, Lq, Lk].
+
+    On the CPU a bf16/fp16 core (autocast) runs in float32: at DETR's head widths (16-32) its bf16 kernels lose
+    to fp32 (2-core AVX-512 BF16 machine: fused attention forward + backward 1.7-2.7x slower, batched matmuls
+    at a quarter of bf16's matmul throughput), and the softmax wants fp32 anyway. With dropout on the CPU the
+    weights are materialized (as ``scaled_dot_product_attention`` does then) and the mask drawn by
+    ``detr.model.dropout``; otherwise ``scaled_dot_product_attention`` runs its fused kernel.
+    """
+    if q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16):
+        with torch.autocast("cpu", enabled=False):
+            out, weights = _attention_core(q.float(), k.float(), v.float(), allowed, dropout_p, keep_weights)
+        return out.to(v.dtype), weights
+    if not keep_weights and not (dropout_p and q.device.type == "cpu"):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout_p), None
+    scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)  # [B, h, Lq, Lk]
+    if allowed is not None:
+        scores.masked_fill_(~allowed, float("-inf"))  # in place: the matmul saves its inputs, not its output
+    probs = scores.softmax(-1)
+    weights = probs.mean(dim=1) if keep_weights else None
+    return dropout(probs, dropout_p) @ v, weights
 
 
 def _feed_forward(layer: nn.Module, x: Tensor) -> Tensor:
@@ -127,7 +142,7 @@ class EncoderLayer(nn.Module):
         self.norm1 = nn.LayerNorm(d_model)
         if self.has_ffn:
             self.norm2 = nn.LayerNorm(d_model)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         self.pre_norm = c.pre_norm
 
     def forward(self, src: Tensor, padding_mask: Tensor | None, pos: Tensor | None,
@@ -161,7 +176,7 @@ class DecoderLayer(nn.Module):
         self.norm2 = nn.LayerNorm(d_model)
         if self.has_ffn:
             self.norm3 = nn.LayerNorm(d_model)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         self.pre_norm = c.pre_norm
 
     def forward(
