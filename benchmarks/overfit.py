@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
                    help='model flags of detr train on top of the overfit model, e.g. "--anchor_queries --two_stage"')
     p.add_argument("--ema", type=float, default=None, help="evaluate an EMA of the weights with this decay")
     p.add_argument("--eval_every", type=int, default=0, help="epochs between evaluations (0: at the end)")
-    p.add_argument("--amp", choices=("bf16", "fp16"), default=None, help="detection: train under autocast (detr train's)")
+    p.add_argument("--amp", choices=("bf16", "fp16"), default=None, help="detection: train under autocast")
     args = p.parse_args(argv)
     if (args.pretrained or args.unfrozen) and not args.masks:
         p.error("--pretrained and --unfrozen are for the mask stage: they need --masks")

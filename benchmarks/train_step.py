@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from detr import build_detr, preset
 from detr.engine.optim import build_optimizer, parameter_groups
 from detr.loss import SetCriterion
-from detr.runtime import keep_freed_memory, native_bf16
+from detr.runtime import CPU_BF16_FLAGS, cpu_flags, cpu_model, keep_freed_memory, native_bf16
 
 SIZES = ((512, 683), (512, 640))
 TINY_SIZES = ((64, 96), (64, 80))
@@ -186,6 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     result: dict = {
         "model": model_name, "batch": len(images), "sizes": sizes, "runs": runs, "threads": torch.get_num_threads(),
         "malloc_tuned": malloc_tuned, "amp": args.amp, "native_bf16": native_bf16("cpu"),
+        "cpu": cpu_model(), "cpu_bf16_flags": sorted(cpu_flags() & CPU_BF16_FLAGS),
         **summary(times["ours"], len(images)),
     }
     for name in systems:

@@ -58,8 +58,10 @@ def test_native_bf16_reads_the_cpu_flags(tmp_path, monkeypatch, line, native):
     cpuinfo.write_text(f"processor\t: 0\nmodel name\t: Some CPU\n{line}\n\nprocessor\t: 1\n{line}\n")
     monkeypatch.setattr(runtime, "CPUINFO", cpuinfo)
     assert runtime.native_bf16("cpu") is native
+    assert runtime.cpu_model() == "Some CPU"
     monkeypatch.setattr(runtime, "CPUINFO", tmp_path / "missing")  # not Linux: nothing claimed
     assert runtime.native_bf16("cpu") is False
+    assert runtime.cpu_model() == "unknown"
 
 
 def test_bf16_on_a_cpu_without_bf16_warns(tmp_path, monkeypatch, recwarn):

@@ -134,7 +134,9 @@ def test_amp_autocasts_the_forward_of_each_step():
     for amp in (None, "bf16"):
         torch.manual_seed(0)
         model = detr.build_detr(config)
-        hook = model.class_embed.register_forward_hook(lambda m, args, out: dtypes.append(out.dtype))
+        # a decoder layer's feed-forward (the prediction heads stay fp32 under autocast: detr.model.mlp.predict)
+        layer = model.transformer.decoder.layers[-1].linear1
+        hook = layer.register_forward_hook(lambda m, args, out: dtypes.append(out.dtype))
         schedule = StreamSchedule(steps=2, batch_size=2, amp=amp)
         result = train_on_stream(model, SetCriterion.from_config(config), stream.batch, schedule, progress=False)
         hook.remove()

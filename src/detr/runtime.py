@@ -68,6 +68,19 @@ def cpu_flags() -> frozenset[str]:
     return frozenset()
 
 
+def cpu_model() -> str:
+    """The CPU's model name as Linux reports it ("model name" on x86), or "unknown"; for benchmark records."""
+    try:
+        text = CPUINFO.read_text()
+    except OSError:
+        return "unknown"
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "model name":
+            return value.strip()
+    return "unknown"
+
+
 def native_bf16(device: torch.device | str) -> bool:
     """Whether ``device`` has bf16 arithmetic in hardware (autocast to bf16 then pays; without it the CPU
     emulates bf16 and runs several times slower than fp32). CUDA: ``torch.cuda.is_bf16_supported``

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from .levels import FeatureLevels
-from .mlp import MLP
+from .mlp import MLP, predict
 from .proposals import Proposals, cell_boxes
 from .queries import inverse_sigmoid, sine_box_embedding
 
@@ -97,8 +97,8 @@ class DeformableQueries(nn.Module):
         cell_logits = cell_logits.masked_fill(padding[..., None] | ~inside[..., None], float("inf"))
         tokens = memory.masked_fill(padding[..., None] | ~inside[..., None], 0.0)
         hidden = self.enc_output_norm(self.enc_output(tokens))
-        logits = self.proposal_class(hidden)  # [B, S, K]
-        box_logits = self.proposal_box(hidden) + cell_logits  # [B, S, 4]
+        logits = predict(self.proposal_class, hidden)  # [B, S, K]
+        box_logits = predict(self.proposal_box, hidden) + cell_logits  # [B, S, 4]
         if logits.shape[1] < count:
             raise ValueError(f"two-stage selection needs at least {count} encoder tokens (num_queries), the "
                              f"feature levels have {logits.shape[1]}: use larger images or fewer queries")
@@ -116,7 +116,7 @@ class DeformableQueries(nn.Module):
 
     def refine(self, layer: int, decoded: Tensor, reference: Tensor) -> Tensor:
         """Layer ``layer``'s boxes [B, Q, 4] from its output [B, Q, C] and its reference [B, Q, 2 or 4]."""
-        delta = self.box_heads[layer if self.refines else 0](decoded).float()
+        delta = predict(self.box_heads[layer if self.refines else 0], decoded).float()
         logit = inverse_sigmoid(reference.float())
         if logit.shape[-1] == 2:  # a reference point: the head predicts the size itself
             logit = torch.cat([logit, torch.zeros_like(logit)], -1)

@@ -16,7 +16,7 @@ from .backbone import Backbone
 from .deformable_queries import DeformableQueries
 from .denoising import DenoisingOutputs, DenoisingQueries, QueryLayout, group_attention_mask, noised_queries
 from .levels import FeatureLevels, level_projections
-from .mlp import MLP
+from .mlp import MLP, predict
 from .position import build_position_encoding
 from .proposals import PRIOR, EncoderProposals, Proposals
 from .queries import AnchorQueries
@@ -243,14 +243,14 @@ class DETR(nn.Module):
     def _classify(self, decoded: Tensor) -> Tensor:
         """[L, B, T, C] -> [L, B, T, K(+1)]: one shared class head, or one per decoder layer."""
         if isinstance(self.class_embed, nn.ModuleList):
-            return torch.stack([head(x) for head, x in zip(self.class_embed, decoded, strict=True)])
-        return self.class_embed(decoded)
+            return torch.stack([predict(head, x) for head, x in zip(self.class_embed, decoded, strict=True)])
+        return predict(self.class_embed, decoded)
 
     def _boxes(self, decoded: Tensor, refined: Tensor | None) -> Tensor:
         if refined is not None:  # anchor-box queries refine their boxes layer by layer
             return refined
         assert self.bbox_embed is not None
-        return self.bbox_embed(decoded).sigmoid()  # [L, B, Q, 4]
+        return predict(self.bbox_embed, decoded).sigmoid()  # [L, B, Q, 4]
 
     def heads(self, features: DetrFeatures) -> dict[str, Any]:
         """Features -> the output dict (final layer + auxiliary layers, plus the training entries)."""

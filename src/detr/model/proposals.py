@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .mlp import MLP
+from .mlp import MLP, predict
 from .queries import inverse_sigmoid
 
 PRIOR = 0.01  # initial object probability of a focal-trained proposal
@@ -78,9 +78,9 @@ class EncoderProposals(nn.Module):
         -> one proposal per token; a cell's box doubles in size at every coarser level."""
         hidden = self.norm(self.project(memory))
         cells = torch.cat([cell_boxes(m, self.cell_size * 2**level) for level, m in enumerate(padding_masks)], 1)
-        boxes = (self.box_head(hidden).float() + inverse_sigmoid(cells)).sigmoid()  # [B, S, 4]
+        boxes = (predict(self.box_head, hidden).float() + inverse_sigmoid(cells)).sigmoid()  # [B, S, 4]
         valid = ~torch.cat([m.flatten(1) for m in padding_masks], 1)
-        return Proposals(self.class_head(hidden), boxes, valid, hidden)
+        return Proposals(predict(self.class_head, hidden), boxes, valid, hidden)
 
     def objectness(self, proposals: Proposals) -> Tensor:
         """[B, HW] scores whose order ranks the proposals (padding: -inf)."""

@@ -15,7 +15,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from .mlp import MLP
+from .mlp import MLP, predict
 
 
 def inverse_sigmoid(x: Tensor, eps: float = 1e-5) -> Tensor:
@@ -88,5 +88,5 @@ class AnchorQueries(nn.Module):
 
     def refine(self, layer: int, decoded: Tensor, reference: Tensor) -> Tensor:
         """Layer ``layer``'s boxes [B, Q, 4] from its normalized output [B, Q, C] and its reference."""
-        delta = self.box_heads[layer](decoded)
+        delta = predict(self.box_heads[layer], decoded)
         return (delta.float() + inverse_sigmoid(reference.float())).sigmoid()
