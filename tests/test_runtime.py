@@ -14,7 +14,7 @@ applied = keep_freed_memory()
 def faults():
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 per_step = []  # page faults of each step
-for _ in range(24):
+for _ in range(40):
     before = faults()
     x = torch.ones(16 << 20); y = x + 1; z = y * x  # three live 64 MiB blocks, like one layer's activations
     del x, y, z
@@ -39,10 +39,11 @@ def test_large_blocks_are_reused():
     pages = (64 << 20) // 4096  # every page of one 64 MiB block
     # Untouched, every step maps its three blocks afresh. Tuned, the heap grows over the first steps (a freed
     # block can be a few bytes short of the next aligned request) until its free space holds a step's
-    # working set; from then on a block is mapped again only now and then (measured over steps 8-39 in 12 runs:
-    # none in 10, one 64 MiB block in 2), where untouched maps all 48 blocks of steps 8-23.
+    # working set; how many steps that takes depends on the heap's layout at start (steps 8-23 of 16 runs here
+    # remapped 0-3 blocks). From then on a block is mapped again only now and then: steps 16-39 of 12 runs
+    # remapped none in 11 and one 64 MiB block in 1, where untouched maps all 72 blocks of those steps.
     assert min(untouched["faults"][1:]) > 0.9 * 3 * pages
-    assert sum(tuned["faults"][8:]) <= 2 * pages, tuned["faults"]
+    assert sum(tuned["faults"][16:]) <= 2 * pages, tuned["faults"]
 
 
 @pytest.mark.parametrize(("line", "native"), [
