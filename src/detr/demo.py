@@ -134,7 +134,7 @@ def run_demo(output_dir: str | Path = "outputs/demo", *, minutes: float | None =
     task = shapes_task(out / "shapes", seed)
     config = preset("shapes-fast")
     precision = demo_precision(amp)
-    schedule = StreamSchedule(**{**DEMO_SCHEDULE.__dict__, "amp": None if precision == "fp32" else precision,
+    schedule = StreamSchedule(**{**DEMO_SCHEDULE.__dict__, "amp": precision,
                                  **({} if minutes is None else {"minutes": minutes})})
     if amp == "auto":
         reason = "this CPU has bf16 instructions" if precision == "bf16" else "no bf16 instructions on this CPU"

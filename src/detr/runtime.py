@@ -55,30 +55,27 @@ CPUINFO = Path("/proc/cpuinfo")
 CPU_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16", "bf16"})
 
 
-def cpu_flags() -> frozenset[str]:
-    """The CPU's feature flags as Linux lists them ("flags" on x86, "Features" on Arm); empty elsewhere."""
+def _cpuinfo_value(keys: tuple[str, ...]) -> str | None:
+    """The value of the first line of /proc/cpuinfo whose key is one of ``keys``; None without one."""
     try:
         text = CPUINFO.read_text()
     except OSError:
-        return frozenset()
+        return None
     for line in text.splitlines():
         key, _, value = line.partition(":")
-        if key.strip() in ("flags", "Features"):
-            return frozenset(value.split())
-    return frozenset()
+        if key.strip() in keys:
+            return value.strip()
+    return None
+
+
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags as Linux lists them ("flags" on x86, "Features" on Arm); empty elsewhere."""
+    return frozenset((_cpuinfo_value(("flags", "Features")) or "").split())
 
 
 def cpu_model() -> str:
     """The CPU's model name as Linux reports it ("model name" on x86), or "unknown"; for benchmark records."""
-    try:
-        text = CPUINFO.read_text()
-    except OSError:
-        return "unknown"
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() == "model name":
-            return value.strip()
-    return "unknown"
+    return _cpuinfo_value(("model name",)) or "unknown"
 
 
 def native_bf16(device: torch.device | str) -> bool:

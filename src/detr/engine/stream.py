@@ -25,7 +25,7 @@ from ..runtime import amp_dtype
 from .ema import ModelEMA
 from .log import JsonLog
 from .optim import build_optimizer
-from .train import Stepper
+from .train import Stepper, grad_scaler
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ class StreamSchedule:
     lr_drop: float = 0.8  # learning rates x0.1 after this fraction of the budget (1: never)
     warmup_steps: int = 0  # linear warm-up of the learning rates
     ema: float | None = None
-    amp: str | None = None  # "bf16" (or "fp16" on CUDA): autocast the forward (``detr.runtime.amp_dtype``)
+    amp: str | None = None  # None/"fp32", "bf16" (or "fp16" on CUDA): the forward's autocast (``amp_dtype``)
     eval_every_minutes: float | None = None  # evaluations during training (the end is always evaluated)
     eval_every_steps: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # recorded in the log, not used
@@ -94,7 +94,7 @@ def train_on_stream(
     train_model = dist_utils.wrap_for_training(model, device)
     autocast = amp_dtype(schedule.amp, device)
     stepper = Stepper(train_model, criterion, optimizer, device, schedule.clip_max_norm, autocast,
-                      torch.amp.GradScaler("cuda") if autocast == torch.float16 else None, ema)
+                      grad_scaler(autocast), ema)
     evaluated = ema.module if ema is not None else model
     bar = _ProgressBar(schedule) if progress and info.is_main else None
 

@@ -61,6 +61,11 @@ def _reduced_terms(result, names: list[str]) -> dict[str, float]:
     return {"loss": stacked[0], **dict(zip(names, stacked[1:], strict=True))}
 
 
+def grad_scaler(autocast_dtype: torch.dtype | None) -> torch.amp.GradScaler | None:
+    """fp16 autocast (CUDA) needs loss scaling; bf16 and fp32 do not."""
+    return torch.amp.GradScaler("cuda") if autocast_dtype == torch.float16 else None
+
+
 @dataclass
 class Stepper:
     """Everything one optimization step needs (shared by the epoch loop and the stream trainer)."""
@@ -206,7 +211,7 @@ class _Run:
         train_model = dist_utils.wrap_for_training(model, device)
         stepper = Stepper(
             train_model, SetCriterion.from_config(config).to(device), optimizer, device, optim.clip_max_norm,
-            autocast_dtype, torch.amp.GradScaler("cuda") if autocast_dtype == torch.float16 else None,
+            autocast_dtype, grad_scaler(autocast_dtype),
             ModelEMA(model, optim.ema) if optim.ema else None,
         )
         log_file = JsonLog(out_dir / "log.jsonl" if info.is_main else None,

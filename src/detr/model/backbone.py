@@ -224,7 +224,8 @@ class ResNet(nn.Module):
         return nn.Sequential(*blocks)
 
     def forward_stages(self, x: Tensor, last: int = 4) -> list[Tensor]:
-        """Outputs of the ``last`` stages of layer1..layer4: strides 4, 8, 16, 32 (16 for layer4 with DC5)."""
+        """Outputs of the ``last`` stages of layer1..layer4 (default all): strides 4, 8, 16, 32 (16 for layer4
+        with DC5)."""
         if self.channels_last and torch.is_grad_enabled():
             x = x.contiguous(memory_format=torch.channels_last)  # [B, 3, H, W], strides of [B, H, W, 3]
         x = self.maxpool(self.relu(conv_norm(self.conv1, self.bn1, x, fold=self.fold_norms)))
@@ -284,7 +285,7 @@ class SmallConvNet(nn.Module):
         for stage in self.stages:
             x = stage(x)
             outputs.append(x)
-        return outputs[len(outputs) - (last or len(outputs)):]
+        return outputs[-(last or len(outputs)):]
 
 
 _NORMS: dict[str, NormLayer] = {"frozen_bn": FrozenBatchNorm2d, "group_norm": GroupNorm32}
