@@ -83,6 +83,20 @@ def test_overfit_lr_drop_reaches_the_training_options(flags, expected, monkeypat
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["lr_drop"] == expected
 
 
+def test_overfit_amp_reaches_the_training_options(monkeypatch, capsys):
+    overfit = _load("overfit")
+    seen = {}
+
+    def fake_train(config, options):
+        seen["amp"] = options.optim.amp
+        return {"bbox_AP": 0.5, "bbox_AP50": 0.75, "train_loss": 1.0}
+
+    monkeypatch.setattr(overfit, "train", fake_train)
+    assert overfit.main(["--coco_path", str(COCO_MINI), "--epochs", "3", "--json", "--amp", "bf16"]) == 0
+    assert seen["amp"] == "bf16"
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["amp"] == "bf16"
+
+
 def test_inference_bf16_line_compares_with_fp32(monkeypatch, capsys):
     """The whole benchmark at tiny image sizes: the bf16 line carries its fp32 comparison."""
     inference = _load("inference")
@@ -175,6 +189,9 @@ def test_train_step_tiny_prints_images_per_second(capsys):
     assert result["images_per_s"] > 0 and result["runs"] == 1 and not result["malloc_tuned"]
     assert 0 < result["matcher_loss_share"] < 1
     assert isinstance(result["native_bf16"], bool) and result["forward_seconds"] > 0
+    from detr.runtime import CPU_BF16_FLAGS, cpu_flags, cpu_model
+
+    assert result["cpu"] == cpu_model() and result["cpu_bf16_flags"] == sorted(cpu_flags() & CPU_BF16_FLAGS)
 
 
 def test_train_step_deformable_times_ours_against_transformers_deformable_detr(capsys):
