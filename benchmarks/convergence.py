@@ -95,7 +95,8 @@ def run_one(args: argparse.Namespace) -> int:
     try:
         params = sum(p.numel() for p in build_detr(config).parameters())
         log_file.write({"type": "run", "set": args.name, "seed": args.seed, "flags": args.flags,
-                        "threads": args.threads, "model": config.to_dict(), "params": params})
+                        "threads": args.threads, "amp": schedule.amp, "model": config.to_dict(),
+                        "params": params})
         result = train_shapes(config, task, schedule, seed=args.seed, log_file=log_file, progress=False)
         log_file.write({"type": "done", "steps": result.steps, "images": result.images,
                         "train_s": round(result.train_seconds, 1),

@@ -182,6 +182,29 @@ def test_convergence_run_spends_the_image_budget_and_tables_its_evaluations(tmp_
     assert cells[3:] == [f"{e['AP']:.3f} / {e['AP50']:.3f}" for e in evals]
 
 
+def test_convergence_amp_flag_reaches_the_schedule_and_trains(tmp_path, monkeypatch):
+    import torch
+
+    import detr.demo
+
+    convergence = _load("convergence")
+    real, seen = detr.demo.train_shapes, {}
+
+    def spy(config, task, schedule, **kwargs):
+        seen["amp"] = schedule.amp
+        return real(config, task, schedule, **kwargs)
+
+    monkeypatch.setattr(detr.demo, "train_shapes", spy)
+    log = tmp_path / "bf16_s0.jsonl"
+    argv = ["--name", "bf16", "--flags", "--amp bf16 --batch_size 4", "--seed", "0", "--log", str(log),
+            "--images", "4", "--eval_every_images", "4", "--out", str(tmp_path),
+            "--threads", str(torch.get_num_threads())]
+    assert convergence.main(argv) == 0
+    lines = [json.loads(line) for line in log.read_text().splitlines()]
+    assert seen["amp"] == "bf16" and lines[0]["amp"] == "bf16"
+    assert lines[-1]["type"] == "done" and lines[-1]["images"] == 4
+
+
 def test_train_step_tiny_prints_images_per_second(capsys):
     # --baseline: malloc left alone, since the tuning would last for the rest of this test process
     assert _load("train_step").main(["--tiny", "--json", "--baseline"]) == 0

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from detr.model.dropout import Dropout, dropout
+from detr.model.dropout import Dropout, cpu_uniforms, dropout
 
 
 @pytest.mark.parametrize("p", [0.1, 0.5])
@@ -23,17 +23,35 @@ def test_cpu_mask_keeps_one_minus_p_and_scales_the_kept(p):
     assert abs(int(kept.sum()) - n * (1 - p)) < 5 * sd
 
 
-def test_the_mask_is_the_seeded_uniforms_at_least_p_and_the_gradient_is_the_mask():
+def test_the_mask_follows_torch_seed_and_the_gradient_is_the_mask():
     x = torch.randn(3, 50, 70, requires_grad=True)
     torch.manual_seed(7)
     out = dropout(x, 0.2)
     out.backward(torch.ones_like(out))
+    keep = (x.grad != 0).float()
+    torch.testing.assert_close(x.grad, keep / 0.8, rtol=0, atol=0)  # the gradient: 0 or 1 / (1 - p)
+    torch.testing.assert_close(out, x.detach() * keep / 0.8, rtol=1e-6, atol=0)  # the same mask forward
     torch.manual_seed(7)
-    keep = (torch.rand(x.shape) >= 0.2).float()
-    torch.testing.assert_close(out, x.detach() * keep / 0.8, rtol=1e-6, atol=0)
-    torch.testing.assert_close(x.grad, keep / 0.8, rtol=1e-6, atol=0)
+    assert torch.equal(dropout(x, 0.2), out)  # the seed decides the mask
+    state = torch.get_rng_state()  # as exact resume restores it
+    again = dropout(x, 0.2)
+    torch.set_rng_state(state)
+    assert torch.equal(dropout(x, 0.2), again)
+    assert not torch.equal(again, out)  # the next call, the next mask
     torch.manual_seed(8)
     assert not torch.equal(dropout(x, 0.2), out)  # another seed, another mask
+
+
+def test_uniforms_are_uniform_24_bit_and_independent_between_calls():
+    torch.manual_seed(0)
+    u, v = cpu_uniforms((1 << 20,)), cpu_uniforms((1 << 20,))
+    assert u.dtype == torch.float32 and float(u.min()) >= 0 and float(u.max()) < 1
+    assert torch.equal(u * 2**24, (u * 2**24).floor())  # multiples of 2**-24
+    counts = torch.histc(u, bins=16, min=0, max=1)  # chi-square over 16 bins, 15 d.o.f.: p = 1e-6 at 50.5
+    expected = u.numel() / 16
+    assert float(((counts - expected) ** 2 / expected).sum()) < 50.5
+    # two calls are two streams: their correlation is ~N(0, 1/sqrt(n)) = 0.001
+    assert abs(float(torch.corrcoef(torch.stack([u, v]))[0, 1])) < 0.006
 
 
 def test_bf16_activations_draw_float32_uniforms():

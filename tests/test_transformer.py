@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from detr.model.dropout import cpu_uniforms
 from detr.model.transformer import MultiheadAttention
 
 
@@ -37,7 +38,7 @@ def test_training_dropout_on_the_cpu_drops_attention_weights_with_the_seeded_mas
     torch.manual_seed(11)
     out, _ = mha(query, memory, memory, key_padding_mask=padding)
     torch.manual_seed(11)
-    keep = (torch.rand(2, 4, 9, 13) >= 0.3).float()  # [B, h, Lq, Lk]: the only draw of the forward
+    keep = (cpu_uniforms((2, 4, 9, 13)) >= 0.3).float()  # [B, h, Lq, Lk]: the only draw of the forward
     torch.testing.assert_close(out, _by_hand(mha, query, memory, padding, keep, 0.3), rtol=1e-5, atol=1e-6)
     out.sum().backward()
     assert mha.in_proj_weight.grad is not None and mha.in_proj_weight.grad.abs().sum() > 0
