@@ -158,16 +158,21 @@ def test_pq_ceiling_on_converted_coco_mini(tmp_path, capsys):
     assert 0 < small["pq_things"] < large["pq_things"] <= 1 and large["segments"] == small["segments"] > 0
 
 
-def test_convergence_run_spends_the_image_budget_and_tables_its_evaluations(tmp_path):
+def _convergence_run(tmp_path, name: str, flags: str, images: int) -> list[dict]:
+    """One convergence.py run in its single-run form (--name/--flags/--log) on ``images`` images: its log lines."""
     import torch
 
+    log = tmp_path / f"{name}_s0.jsonl"
+    argv = ["--name", name, "--flags", flags, "--seed", "0", "--log", str(log), "--images", str(images),
+            "--eval_every_images", "4", "--out", str(tmp_path), "--threads", str(torch.get_num_threads())]
+    assert _load("convergence").main(argv) == 0
+    return [json.loads(line) for line in log.read_text().splitlines()]
+
+
+def test_convergence_run_spends_the_image_budget_and_tables_its_evaluations(tmp_path):
     convergence = _load("convergence")
     log = tmp_path / "anchors_s0.jsonl"
-    argv = ["--name", "anchors", "--flags", "--anchor_queries --batch_size 4", "--seed", "0", "--log", str(log),
-            "--images", "8", "--eval_every_images", "4", "--out", str(tmp_path),
-            "--threads", str(torch.get_num_threads())]
-    assert convergence.main(argv) == 0
-    lines = [json.loads(line) for line in log.read_text().splitlines()]
+    lines = _convergence_run(tmp_path, "anchors", "--anchor_queries --batch_size 4", images=8)
     run, done = lines[0], lines[-1]
     assert run["type"] == "run" and run["model"]["queries"]["anchors"] is True
     assert run["model"]["queries"]["two_stage"] is False
@@ -183,11 +188,8 @@ def test_convergence_run_spends_the_image_budget_and_tables_its_evaluations(tmp_
 
 
 def test_convergence_amp_flag_reaches_the_schedule_and_trains(tmp_path, monkeypatch):
-    import torch
-
     import detr.demo
 
-    convergence = _load("convergence")
     real, seen = detr.demo.train_shapes, {}
 
     def spy(config, task, schedule, **kwargs):
@@ -195,12 +197,7 @@ def test_convergence_amp_flag_reaches_the_schedule_and_trains(tmp_path, monkeypa
         return real(config, task, schedule, **kwargs)
 
     monkeypatch.setattr(detr.demo, "train_shapes", spy)
-    log = tmp_path / "bf16_s0.jsonl"
-    argv = ["--name", "bf16", "--flags", "--amp bf16 --batch_size 4", "--seed", "0", "--log", str(log),
-            "--images", "4", "--eval_every_images", "4", "--out", str(tmp_path),
-            "--threads", str(torch.get_num_threads())]
-    assert convergence.main(argv) == 0
-    lines = [json.loads(line) for line in log.read_text().splitlines()]
+    lines = _convergence_run(tmp_path, "bf16", "--amp bf16 --batch_size 4", images=4)
     assert seen["amp"] == "bf16" and lines[0]["amp"] == "bf16"
     assert lines[-1]["type"] == "done" and lines[-1]["images"] == 4
 

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from detr.config import preset
 from detr.model import build_detr
 from detr.model.mlp import MLP, predict
+from detr.model.queries import sine_box_embedding
 
 
 def _tiny(name: str):
@@ -34,6 +35,20 @@ def test_heads_predict_in_fp32_under_bf16_autocast(name):
         assert out["enc_outputs"].pred_logits.dtype == torch.float32
     in_bf16 = F.linear(decoded.bfloat16(), model.class_embed.weight.bfloat16(), model.class_embed.bias.bfloat16())
     assert not torch.equal(in_bf16.float(), out["pred_logits"])  # what autocast alone would have given
+
+
+def test_anchor_positions_are_fp32_under_bf16_autocast():
+    """The positional queries of the anchor boxes: the fp32 MLP of their sine embedding, not autocast's bf16."""
+    torch.manual_seed(0)
+    queries = build_detr(_tiny("shapes-fast")).anchor_queries
+    boxes = torch.rand(2, 6, 4) * 0.8 + 0.1  # [B, Q, 4]
+    expected = queries.position(boxes)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        position = queries.position(boxes)
+        rounded = queries.position_head(sine_box_embedding(boxes, queries.hidden_dim // 2))
+    assert position.dtype == torch.float32 and rounded.dtype == torch.bfloat16
+    torch.testing.assert_close(position, expected, rtol=0, atol=0)
+    assert not torch.equal(rounded.float(), expected)  # what autocast alone would have given
 
 
 def test_predict_is_the_plain_call_without_autocast():

@@ -83,8 +83,10 @@ class AnchorQueries(nn.Module):
         return content, reference
 
     def position(self, reference: Tensor) -> Tensor:
-        """Positional queries [B, Q, C] of reference boxes [B, Q, 4]."""
-        return self.position_head(sine_box_embedding(reference, self.hidden_dim // 2))  # from [B, Q, 2C]
+        """Positional queries [B, Q, C] of reference boxes [B, Q, 4], in fp32 under autocast: they carry each
+        query's box into every attention of its layer, and bf16 would round them to 8 bits (10 real images,
+        183 epochs, two seeds: fp32 positions took the bf16 training's AP gap from -0.044 to -0.024)."""
+        return predict(self.position_head, sine_box_embedding(reference, self.hidden_dim // 2))  # from [B, Q, 2C]
 
     def refine(self, layer: int, decoded: Tensor, reference: Tensor) -> Tensor:
         """Layer ``layer``'s boxes [B, Q, 4] from its normalized output [B, Q, C] and its reference."""
