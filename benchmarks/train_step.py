@@ -16,6 +16,12 @@ defaults instead with ``--hf_defaults``. The systems' steps alternate (ours, ref
 load from other processes hits both alike; ``speedup`` is the ratio of median step times, with the
 ratio's spread over the rounds. ``--profile`` prints torch.profiler's top operators of one of our steps
 (after the warm-up) to stderr. ``--tiny`` (tests): 64x96 images, one run.
+
+``--device cuda`` times the step on a GPU (synchronized at each phase boundary; the JSON names the device);
+``--batch N --size S`` trains N images of short side S (long sides alternating 4:3 and 5:4, as the default
+batch's 512x683 + 512x640), e.g. the GPU check ``--device cuda --batch 8 --size 800 [--amp bf16] [--compile]``.
+``--compile`` wraps our model in ``torch.compile`` (the matcher and the losses stay eager); its first step,
+the compilation, is reported apart as ``compile_seconds`` and kept out of the medians.
 """
 
 from __future__ import annotations
@@ -37,6 +43,11 @@ from detr.runtime import CPU_BF16_FLAGS, cpu_flags, cpu_model, keep_freed_memory
 
 SIZES = ((512, 683), (512, 640))
 TINY_SIZES = ((64, 96), (64, 80))
+
+
+def batch_sizes(batch: int, size: int) -> list[tuple[int, int]]:
+    """``batch`` image sizes of short side ``size``, long sides alternating as the default batch's (4:3, 5:4)."""
+    return [(size, round(size * (683 if i % 2 == 0 else 640) / 512)) for i in range(batch)]
 PHASES = ("forward", "matcher_loss", "backward", "clip_step")
 
 Step = Callable[[], dict[str, float]]
@@ -52,27 +63,45 @@ def targets(generator: torch.Generator, count: int, num_objects: int = 7) -> lis
     return out
 
 
-def ours_step(images: list[torch.Tensor], batch_targets: list[dict], amp: str, name: str = "r50") -> Step:
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model()
+
+
+def clock(device: torch.device) -> Callable[[], float]:
+    """perf_counter after the device's queued work is done (a GPU runs asynchronously)."""
+    if device.type == "cuda":
+        def now() -> float:
+            torch.cuda.synchronize(device)
+            return time.perf_counter()
+        return now
+    return time.perf_counter
+
+
+def ours_step(images: list[torch.Tensor], batch_targets: list[dict], amp: str, name: str = "r50", *,
+              compile: bool = False) -> Step:
     """Our training step as ``detr.engine.train.Stepper`` runs it: autocast forward, fp32 matching and loss."""
+    device = images[0].device
     config = preset(name)
-    model = build_detr(config).train()
+    model = build_detr(config).train().to(device)
+    forward = torch.compile(model) if compile else model
     criterion = SetCriterion.from_config(config)
     optimizer = build_optimizer(model, lr=1e-4, lr_backbone=1e-5, weight_decay=1e-4)
     bf16 = amp == "bf16"
+    now = clock(device)
 
     def step() -> dict[str, float]:
-        t0 = time.perf_counter()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            outputs = model(images)
-        t1 = time.perf_counter()
+        t0 = now()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            outputs = forward(images)
+        t1 = now()
         result = criterion(outputs, batch_targets)
-        t2 = time.perf_counter()
+        t2 = now()
         optimizer.zero_grad(set_to_none=True)
         result.total.backward()
-        t3 = time.perf_counter()
+        t3 = now()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 0.1)
         optimizer.step()
-        t4 = time.perf_counter()
+        t4 = now()
         return dict(zip(PHASES, (t1 - t0, t2 - t1, t3 - t2, t4 - t3), strict=True))
 
     return step
@@ -103,26 +132,28 @@ def hf_model(defaults: bool = False, deformable: bool = False) -> torch.nn.Modul
 
 
 def hf_step(images: list[torch.Tensor], batch_targets: list[dict], defaults: bool, deformable: bool = False) -> Step:
-    model = hf_model(defaults, deformable)
+    device = images[0].device
+    model = hf_model(defaults, deformable).to(device)
+    now = clock(device)
     # The reference trains with torch's AdamW as it comes, same groups and learning rates as ours.
     optimizer = torch.optim.AdamW(parameter_groups(model, 1e-4, 1e-5), lr=1e-4, weight_decay=1e-4)
     height, width = (max(s) for s in zip(*(x.shape[-2:] for x in images), strict=True))
     pixels = torch.stack([F.pad(x, (0, width - x.shape[-1], 0, height - x.shape[-2])) for x in images])
-    pixel_mask = torch.zeros(len(images), height, width, dtype=torch.long)  # 1 = image
+    pixel_mask = torch.zeros(len(images), height, width, dtype=torch.long, device=device)  # 1 = image
     for i, x in enumerate(images):
         pixel_mask[i, : x.shape[-2], : x.shape[-1]] = 1
     labels = [{"class_labels": t["labels"], "boxes": t["boxes"]} for t in batch_targets]
 
     def step() -> dict[str, float]:
-        t0 = time.perf_counter()
+        t0 = now()
         loss = model(pixel_values=pixels, pixel_mask=pixel_mask, labels=labels).loss  # matching + loss inside
-        t1 = time.perf_counter()
+        t1 = now()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        t2 = time.perf_counter()
+        t2 = now()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 0.1)
         optimizer.step()
-        t3 = time.perf_counter()
+        t3 = now()
         return {"forward_and_loss": t1 - t0, "backward": t2 - t1, "clip_step": t3 - t2}
 
     return step
@@ -160,35 +191,45 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--baseline", action="store_true", help="leave malloc alone (before the speed work)")
     p.add_argument("--deformable", action="store_true",
                    help="Deformable DETR-R50 (preset deformable-r50; transformers' DeformableDetrForObjectDetection)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    p.add_argument("--batch", type=int, default=None, help="images a step (with --size; default: the 2 above)")
+    p.add_argument("--size", type=int, default=512, help="with --batch: the images' short side")
+    p.add_argument("--compile", action="store_true", help="torch.compile our model (the first step compiles)")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
+    device = torch.device(args.device)
     model_name = "deformable-r50" if args.deformable else "r50"
     runs = 1 if args.tiny else args.runs
     malloc_tuned = False if args.baseline else keep_freed_memory()
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(0)
-    sizes = TINY_SIZES if args.tiny else SIZES
-    images = [torch.randn(3, *size, generator=g) for size in sizes]
-    batch_targets = targets(g, len(images))
-    systems: dict[str, Step] = {"ours": ours_step(images, batch_targets, args.amp, model_name)}
+    sizes = TINY_SIZES if args.tiny else SIZES if args.batch is None else batch_sizes(args.batch, args.size)
+    images = [torch.randn(3, *size, generator=g).to(device) for size in sizes]
+    batch_targets = [{k: v.to(device) for k, v in t.items()} for t in targets(g, len(images))]
+    systems: dict[str, Step] = {"ours": ours_step(images, batch_targets, args.amp, model_name, compile=args.compile)}
     if args.amp != "fp32":
-        systems["ours_fp32"] = ours_step(images, batch_targets, "fp32", model_name)
+        systems["ours_fp32"] = ours_step(images, batch_targets, "fp32", model_name, compile=args.compile)
     if args.compare:
         systems["reference"] = hf_step(images, batch_targets, args.hf_defaults, args.deformable)
     times: dict[str, list[dict[str, float]]] = {name: [] for name in systems}
-    for run in range(runs + 1):  # the first round is a warm-up
+    warm_up: dict[str, float] = {}
+    for run in range(runs + 1):  # the first round is a warm-up (with --compile: the compilation)
         for name, step in systems.items():
             phases = step()
             if run:
                 times[name].append(phases)
+            else:
+                warm_up[name] = sum(phases.values())
     if args.profile:
         print(profile_table(systems["ours"]), file=sys.stderr)
     result: dict = {
         "model": model_name, "batch": len(images), "sizes": sizes, "runs": runs, "threads": torch.get_num_threads(),
-        "malloc_tuned": malloc_tuned, "amp": args.amp, "native_bf16": native_bf16("cpu"),
-        "cpu": cpu_model(), "cpu_bf16_flags": sorted(cpu_flags() & CPU_BF16_FLAGS),
-        **summary(times["ours"], len(images)),
+        "malloc_tuned": malloc_tuned, "amp": args.amp, "native_bf16": native_bf16(device),
+        "cpu": cpu_model(), "cpu_bf16_flags": sorted(cpu_flags() & CPU_BF16_FLAGS), "device": device_name(device),
+        "compile": args.compile, **summary(times["ours"], len(images)),
     }
+    if args.compile:
+        result["compile_seconds"] = {name: round(warm_up[name], 1) for name in systems if name.startswith("ours")}
     for name in systems:
         if name != "ours":
             result[name] = summary(times[name], len(images))

@@ -214,6 +214,28 @@ def test_train_step_tiny_prints_images_per_second(capsys):
     assert result["cpu"] == cpu_model() and result["cpu_bf16_flags"] == sorted(cpu_flags() & CPU_BF16_FLAGS)
 
 
+def test_train_step_batch_and_size_set_the_images(capsys):
+    assert _load("train_step").main(["--batch", "3", "--size", "48", "--runs", "1", "--json", "--baseline"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["batch"] == 3 and result["sizes"] == [[48, 64], [48, 60], [48, 64]]  # as 512x683, 512x640
+    assert result["device"] == result["cpu"] and result["compile"] is False and "compile_seconds" not in result
+
+
+def test_train_step_compile_traces_our_training_forward_as_one_graph(monkeypatch, capsys):
+    """--compile wraps our model in torch.compile; with fullgraph=True any graph break (the CPU dropout's numpy
+    generator, say) would raise. The eager backend keeps the test to the tracing (Inductor's code generation
+    takes minutes on 2 cores)."""
+    import functools
+
+    import torch
+
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager", fullgraph=True))
+    assert _load("train_step").main(["--tiny", "--json", "--baseline", "--compile"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["compile"] is True and set(result["compile_seconds"]) == {"ours"}
+    assert result["images_per_s"] > 0
+
+
 def test_train_step_deformable_times_ours_against_transformers_deformable_detr(capsys):
     assert _load("train_step").main(["--tiny", "--json", "--baseline", "--deformable", "--compare"]) == 0
     result = json.loads(capsys.readouterr().out)

@@ -7,7 +7,8 @@ spends two 32-bit Mersenne-Twister draws per element (a double-precision uniform
 drawn by numpy's PCG64 (~1.8 ns an element against ``torch.rand``'s ~3), seeded by one draw from torch's
 CPU generator: the element is kept when its uniform is at least ``p``, so the keep mask is Bernoulli(1 - p)
 with P(keep) exact to 2**-24, the kept elements scaled by 1 / (1 - p), and ``torch.manual_seed`` and the
-exact-resume RNG state decide every mask. Elsewhere (CUDA's fused kernels) ``F.dropout`` runs unchanged.
+exact-resume RNG state decide every mask. Elsewhere (CUDA's fused kernels) and inside ``torch.compile`` (whose
+generated code draws its own masks) ``F.dropout`` runs unchanged.
 """
 
 from __future__ import annotations
@@ -31,8 +32,10 @@ def dropout(x: Tensor, p: float, training: bool = True) -> Tensor:
     """``F.dropout(x, p, training)`` with the CPU mask drawn as float32 uniforms >= p."""
     if not training or p == 0:
         return x
-    if x.device.type != "cpu" or not 0 < p < 1:
-        return F.dropout(x, p, training)  # CUDA's fused kernel; F.dropout's own checks of p
+    if x.device.type != "cpu" or not 0 < p < 1 or torch.compiler.is_compiling():
+        # CUDA's fused kernel; under torch.compile the compiler's own generator (numpy cannot be traced);
+        # F.dropout's own checks of p
+        return F.dropout(x, p, training)
     # float32 draws whatever x's dtype (bf16 uniforms would have 8 bits of resolution), turned in place
     # into the scaled mask: 0 or 1 / (1 - p)
     mask = cpu_uniforms(x.shape).ge_(p).mul_(1.0 / (1.0 - p))
