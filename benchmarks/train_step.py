@@ -44,13 +44,14 @@ from detr.runtime import CPU_BF16_FLAGS, cpu_flags, cpu_model, keep_freed_memory
 SIZES = ((512, 683), (512, 640))
 TINY_SIZES = ((64, 96), (64, 80))
 
+PHASES = ("forward", "matcher_loss", "backward", "clip_step")
+
+Step = Callable[[], dict[str, float]]
+
 
 def batch_sizes(batch: int, size: int) -> list[tuple[int, int]]:
     """``batch`` image sizes of short side ``size``, long sides alternating as the default batch's (4:3, 5:4)."""
     return [(size, round(size * (683 if i % 2 == 0 else 640) / 512)) for i in range(batch)]
-PHASES = ("forward", "matcher_loss", "backward", "clip_step")
-
-Step = Callable[[], dict[str, float]]
 
 
 def targets(generator: torch.Generator, count: int, num_objects: int = 7) -> list[dict[str, torch.Tensor]]:
