@@ -7,7 +7,8 @@ spends two 32-bit Mersenne-Twister draws per element (a double-precision uniform
 drawn by numpy's PCG64 (~1.8 ns an element against ``torch.rand``'s ~3), seeded by one draw from torch's
 CPU generator: the element is kept when its uniform is at least ``p``, so the keep mask is Bernoulli(1 - p)
 with P(keep) exact to 2**-24, the kept elements scaled by 1 / (1 - p), and ``torch.manual_seed`` and the
-exact-resume RNG state decide every mask. Elsewhere (CUDA's fused kernels) and inside ``torch.compile`` (whose
+exact-resume RNG state decide every mask (within one numpy version: numpy, like torch, does not promise the same
+stream across versions). Elsewhere (CUDA's fused kernels) and inside ``torch.compile`` (whose
 generated code draws its own masks) ``F.dropout`` runs unchanged.
 """
 
