@@ -68,33 +68,30 @@ def test_overfit_backbone_lr_needs_unfrozen(capsys):
     assert "needs --unfrozen" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize(("flags", "expected"), [([], 20), (["--lr_drop", "25"], 25)])
-def test_overfit_lr_drop_reaches_the_training_options(flags, expected, monkeypatch, capsys):
+def _overfit_options(monkeypatch, capsys, *flags: str):
+    """overfit.py's training options and its JSON line for ``flags``, its training replaced by a recorder."""
     overfit = _load("overfit")
     seen = {}
 
     def fake_train(config, options):
-        seen["lr_drop"] = options.optim.lr_drop
+        seen["options"] = options
         return {"bbox_AP": 0.5, "bbox_AP50": 0.75, "train_loss": 1.0}
 
     monkeypatch.setattr(overfit, "train", fake_train)
-    assert overfit.main(["--coco_path", str(COCO_MINI), "--epochs", "30", "--json", *flags]) == 0
-    assert seen["lr_drop"] == expected  # default: two thirds of 30
-    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["lr_drop"] == expected
+    assert overfit.main(["--coco_path", str(COCO_MINI), "--json", *flags]) == 0
+    return seen["options"], json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize(("flags", "expected"), [([], 20), (["--lr_drop", "25"], 25)])
+def test_overfit_lr_drop_reaches_the_training_options(flags, expected, monkeypatch, capsys):
+    options, line = _overfit_options(monkeypatch, capsys, "--epochs", "30", *flags)
+    assert options.optim.lr_drop == expected  # default: two thirds of 30
+    assert line["lr_drop"] == expected
 
 
 def test_overfit_amp_reaches_the_training_options(monkeypatch, capsys):
-    overfit = _load("overfit")
-    seen = {}
-
-    def fake_train(config, options):
-        seen["amp"] = options.optim.amp
-        return {"bbox_AP": 0.5, "bbox_AP50": 0.75, "train_loss": 1.0}
-
-    monkeypatch.setattr(overfit, "train", fake_train)
-    assert overfit.main(["--coco_path", str(COCO_MINI), "--epochs", "3", "--json", "--amp", "bf16"]) == 0
-    assert seen["amp"] == "bf16"
-    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["amp"] == "bf16"
+    options, line = _overfit_options(monkeypatch, capsys, "--epochs", "3", "--amp", "bf16")
+    assert options.optim.amp == "bf16" and line["amp"] == "bf16"
 
 
 def test_inference_bf16_line_compares_with_fp32(monkeypatch, capsys):
