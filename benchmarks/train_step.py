@@ -14,8 +14,9 @@ matches no parameter name of its ResNet and freezes the whole trunk), auxiliary 
 the attention weights and the feed-forward layers as in the paper (transformers' defaults: 0); its
 defaults instead with ``--hf_defaults``. The systems' steps alternate (ours, reference, ours, ...), so
 load from other processes hits both alike; ``speedup`` is the ratio of median step times, with the
-ratio's spread over the rounds. ``--profile`` prints torch.profiler's top operators of one of our steps
-(after the warm-up) to stderr. ``--tiny`` (tests): 64x96 images, one run.
+ratio's spread over the rounds. ``--profile`` prints torch.profiler's top operators (self milliseconds a
+step, the mean of two steps after the timed rounds) of every system timed, side by side, to stderr.
+``--tiny`` (tests): 64x96 images, one run.
 
 ``--device cuda`` times the step on a GPU (synchronized at each phase boundary; the JSON names the device);
 ``--batch N --size S`` trains N images of short side S (long sides alternating 4:3 and 5:4, as the default
@@ -160,12 +161,30 @@ def hf_step(images: list[torch.Tensor], batch_targets: list[dict], defaults: boo
     return step
 
 
-def profile_table(step: Step, rows: int = 25) -> str:
+def operator_milliseconds(step: Step, steps: int = 2) -> dict[str, float]:
+    """Self CPU milliseconds of each operator in one step (torch.profiler; the mean of ``steps`` steps)."""
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        step()
-    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=40)
+    totals: dict[str, float] = {}
+    for _ in range(steps):
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            step()
+        for event in prof.key_averages():
+            totals[event.key] = totals.get(event.key, 0.0) + event.self_cpu_time_total / 1e3 / steps
+    return totals
+
+
+def profile_table(systems: dict[str, Step], rows: int = 25) -> str:
+    """A markdown table of the top operators by self CPU time, one column per system (side by side: where
+    one system spends what the other does not), and each system's total."""
+    columns = {name: operator_milliseconds(step) for name, step in systems.items()}
+    ops = sorted({op for ms in columns.values() for op in ms}, key=lambda op: -max(ms.get(op, 0.0) for ms in
+                                                                                   columns.values()))
+    lines = ["| operator (self ms a step) | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    for op in ops[:rows]:
+        lines.append(f"| {op} | " + " | ".join(f"{ms.get(op, 0.0):.1f}" for ms in columns.values()) + " |")
+    lines.append("| total | " + " | ".join(f"{sum(ms.values()):.1f}" for ms in columns.values()) + " |")
+    return "\n".join(lines)
 
 
 def summary(runs: list[dict[str, float]], batch: int) -> dict[str, float]:
@@ -187,7 +206,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--amp", choices=("fp32", "bf16"), default="fp32", help="our forward's autocast dtype")
     p.add_argument("--compare", action="store_true", help="also time transformers' DetrForObjectDetection")
     p.add_argument("--hf_defaults", action="store_true", help="the reference with transformers' defaults")
-    p.add_argument("--profile", action="store_true", help="print the top operators of our step to stderr")
+    p.add_argument("--profile", action="store_true",
+                   help="print the top operators of each system's step, side by side, to stderr")
     p.add_argument("--tiny", action="store_true", help="64x96 images, one run (a smoke test)")
     p.add_argument("--baseline", action="store_true", help="leave malloc alone (before the speed work)")
     p.add_argument("--deformable", action="store_true",
@@ -222,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 warm_up[name] = sum(phases.values())
     if args.profile:
-        print(profile_table(systems["ours"]), file=sys.stderr)
+        print(profile_table(systems), file=sys.stderr)
     result: dict = {
         "model": model_name, "batch": len(images), "sizes": sizes, "runs": runs, "threads": torch.get_num_threads(),
         "malloc_tuned": malloc_tuned, "amp": args.amp, "native_bf16": native_bf16(device),

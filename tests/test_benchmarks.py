@@ -234,8 +234,16 @@ def test_train_step_compile_traces_our_training_forward_as_one_graph(monkeypatch
 
 
 def test_train_step_deformable_times_ours_against_transformers_deformable_detr(capsys):
-    assert _load("train_step").main(["--tiny", "--json", "--baseline", "--deformable", "--compare"]) == 0
-    result = json.loads(capsys.readouterr().out)
+    assert _load("train_step").main(["--tiny", "--json", "--baseline", "--deformable", "--compare", "--profile"]) == 0
+    captured = capsys.readouterr()
+    result = json.loads(captured.out)
+    # --profile: the operators of both steps side by side, one row each (both train the convolutions)
+    header, _, *rows = captured.err.strip().splitlines()
+    assert header == "| operator (self ms a step) | ours | reference |"
+    cells = {row.split(" | ")[0].lstrip("| "): [float(x) for x in row.rstrip(" |").split(" | ")[1:]] for row in rows}
+    assert min(cells["aten::convolution_backward"]) > 0 and len(cells) == 26  # 25 operators and the totals
+    for column in (0, 1):  # a total of every operator, so at least the listed ones (each rounded to 0.05 ms)
+        assert cells["total"][column] >= sum(v[column] for k, v in cells.items() if k != "total") - 25 * 0.05
     assert result["model"] == "deformable-r50" and result["reference_config"] == "trains what ours trains"
     assert result["images_per_s"] > 0 and result["reference"]["images_per_s"] > 0
     assert result["speedup_vs_reference"] == pytest.approx(

@@ -35,13 +35,20 @@ def test_training_dropout_on_the_cpu_drops_attention_weights_with_the_seeded_mas
     torch.manual_seed(0)
     mha = MultiheadAttention(32, 4, dropout=0.3).train()
     query, memory, padding = _inputs()
+    memory.requires_grad_(True)
     torch.manual_seed(11)
     out, _ = mha(query, memory, memory, key_padding_mask=padding)
     torch.manual_seed(11)
     keep = (cpu_uniforms((2, 4, 9, 13)) >= 0.3).float()  # [B, h, Lq, Lk]: the only draw of the forward
-    torch.testing.assert_close(out, _by_hand(mha, query, memory, padding, keep, 0.3), rtol=1e-5, atol=1e-6)
-    out.sum().backward()
-    assert mha.in_proj_weight.grad is not None and mha.in_proj_weight.grad.abs().sum() > 0
+    expected = _by_hand(mha, query, memory, padding, keep, 0.3)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+    # the gradients too: the padded keys' -inf is added in place, and no gradient may leak into them
+    grad = torch.randn_like(out)
+    got = torch.autograd.grad(out, [mha.in_proj_weight, mha.in_proj_bias, memory], grad)
+    want = torch.autograd.grad(expected, [mha.in_proj_weight, mha.in_proj_bias, memory], grad)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+    assert got[2][1, -4:].abs().max() == 0 and got[2][1, :-4].abs().min() > 0  # padded keys: no gradient
     mha.eval()  # no dropout: the fused kernel, the same attention
     plain, _ = mha(query, memory, memory, key_padding_mask=padding)
     torch.testing.assert_close(plain, _by_hand(mha, query, memory, padding, None, 0.0), rtol=1e-5, atol=1e-6)

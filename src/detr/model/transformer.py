@@ -94,7 +94,10 @@ def _attention_core(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor | None, dro
         return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout_p), None
     scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)  # [B, h, Lq, Lk]
     if allowed is not None:
-        scores.masked_fill_(~allowed, float("-inf"))  # in place: the matmul saves its inputs, not its output
+        # -inf added rather than filled: the same scores, and the backward passes the gradient through instead of
+        # filling it again (the softmax's gradient is already 0 there); in place: the matmul saves its inputs
+        scores.add_(torch.zeros(allowed.shape, dtype=scores.dtype, device=scores.device).masked_fill_(
+            ~allowed, float("-inf")))
     probs = scores.softmax(-1)
     weights = probs.mean(dim=1) if keep_weights else None
     return dropout(probs, dropout_p) @ v, weights
