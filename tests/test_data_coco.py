@@ -337,3 +337,31 @@ def test_seeded_augmentation_independent_of_workers():
     dataset.set_epoch(1)
     second = [dataset[i][0] for i in range(6)]
     assert any(a.shape != b.shape or not torch.equal(a, b) for a, b in zip(first, second, strict=True))
+
+
+def test_loaders_pin_batches_for_a_gpu(tiny, monkeypatch):
+    """On a GPU the loaders pin every batch: DataLoader's pinning thread (``pin_memory`` of its utilities) hands
+    our batch type to ``DetectionBatch.pin_memory``, which must pin the pixels, the padding mask and every target
+    tensor and keep the rest. This machine has no CUDA to page-lock memory, so ``Tensor.pin_memory`` records
+    and copies."""
+    from torch.utils.data._utils.pin_memory import pin_memory as loader_pin
+
+    from detr.distributed import DistInfo
+    from detr.engine.data import build_loader
+    from detr.engine.options import DataOptions
+
+    dataset = _tiny_dataset(tiny, transforms=Compose([ToTensor(), Normalize()]), skip_bad_images=True)
+    batch = collate_detection([dataset[i] for i in range(len(dataset))])
+    pinned: list[torch.Tensor] = []
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self, *a, **k: pinned.append(self) or self.clone())
+    out = loader_pin(batch)
+    tensors = [batch.images.pixels, batch.images.padding_mask] + [
+        v for t in batch.targets for v in t.values() if isinstance(v, torch.Tensor)]
+    assert len(pinned) == len(tensors) > 2 and all(any(p is t for p in pinned) for t in tensors)
+    assert out.skipped == batch.skipped == len(BAD_FILES) and len(out.targets) == len(batch.targets)
+    assert torch.equal(out.images.pixels, batch.images.pixels) and out.images.pixels is not batch.images.pixels
+    for a, b in zip(out.targets, batch.targets, strict=True):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a if isinstance(b[k], torch.Tensor))
+    data, info = DataOptions(), DistInfo()
+    assert build_loader(dataset, data, info, train=True, pin_memory=True).pin_memory
+    assert not build_loader(dataset, data, info, train=False).pin_memory  # the CPU default
