@@ -218,17 +218,20 @@ def test_train_step_batch_and_size_set_the_images(capsys):
     assert result["device"] == result["cpu"] and result["compile"] is False and "compile_seconds" not in result
 
 
-def test_train_step_compile_traces_our_training_forward_as_one_graph(monkeypatch, capsys):
+@pytest.mark.parametrize("model", ["r50", "deformable"])
+def test_train_step_compile_traces_our_training_forward_as_one_graph(monkeypatch, capsys, model):
     """--compile wraps our model in torch.compile; with fullgraph=True any graph break (the CPU dropout's numpy
-    generator, say) would raise. The eager backend keeps the test to the tracing (Inductor's code generation
-    takes minutes on 2 cores)."""
+    generator, say, or a level size read back from a tensor in the deformable attention) would raise. The eager
+    backend keeps the test to the tracing (Inductor's code generation takes minutes on 2 cores)."""
     import functools
 
     import torch
 
     monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager", fullgraph=True))
-    assert _load("train_step").main(["--tiny", "--json", "--baseline", "--compile"]) == 0
+    extra = ["--deformable"] if model == "deformable" else []
+    assert _load("train_step").main(["--tiny", "--json", "--baseline", "--compile", *extra]) == 0
     result = json.loads(capsys.readouterr().out)
+    assert result["model"] == {"r50": "r50", "deformable": "deformable-r50"}[model]
     assert result["compile"] is True and set(result["compile_seconds"]) == {"ours"}
     assert result["images_per_s"] > 0
 

@@ -164,6 +164,8 @@ def test_module_matches_transformers(coordinates, method):
     assert ours_out.shape == theirs_out.shape == (b, q, 16)
     assert (ours_out - theirs_out).abs().max() < 1e-5
     assert theirs_out.abs().max() > 0.1
+    # the sizes as Python ints (what the model passes: nothing read back from a tensor) give the same, bit for bit
+    assert torch.equal(ours(query + pos, reference, value, [(6, 8), (3, 4)], padding_mask), ours_out)
 
 
 def test_module_init_is_deformable_detrs():
@@ -197,6 +199,8 @@ def test_module_refuses_shapes_that_do_not_add_up():
     module = MultiScaleDeformableAttention(hidden_dim=8, n_heads=2, n_levels=1, n_points=1)
     with pytest.raises(ValueError, match="add up"):
         module(torch.zeros(1, 2, 8), torch.zeros(1, 2, 1, 2), torch.zeros(1, 5, 8), torch.tensor([(2, 3)]))
+    with pytest.raises(ValueError, match=r"\[\(2, 3\)\] do not add up to 5"):
+        module(torch.zeros(1, 2, 8), torch.zeros(1, 2, 1, 2), torch.zeros(1, 5, 8), [(2, 3)])
 
 
 # --- the feature-level bundle ------------------------------------------------------------------------

@@ -19,6 +19,7 @@ integers and a corner outside the map contributes zero.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Literal
 
 import torch
@@ -38,7 +39,18 @@ def _pixels(locations: Tensor, size: Tensor) -> Tensor:
     return ((locations * 2 - 1 + 1).double() * (size / 2) - 0.5).float()
 
 
-def _sample_by_gather(value: Tensor, spatial_shapes: Tensor, sampling_locations: Tensor,
+LevelShapes = Tensor | Sequence[tuple[int, int]]  # [L, 2] integer (h, w), or the same as Python ints
+
+
+def level_sizes(spatial_shapes: LevelShapes) -> list[tuple[int, int]]:
+    """The levels' (h, w) as Python ints. A tensor is read here (a device sync on a GPU, a graph break under
+    ``torch.compile``), so the model hands the sizes in as ints (``FeatureLevels.sizes``)."""
+    if isinstance(spatial_shapes, Tensor):
+        return [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
+    return [(h, w) for h, w in spatial_shapes]
+
+
+def _sample_by_gather(value: Tensor, spatial_shapes: LevelShapes, sampling_locations: Tensor,
                       attention_weights: Tensor) -> Tensor:
     """The core as one weighted gather: every (batch, query, head) is a bag of 4*L*P value rows (the four
     bilinear corners of each sampling point), weighted by bilinear weight x attention weight and summed by
@@ -51,7 +63,7 @@ def _sample_by_gather(value: Tensor, spatial_shapes: Tensor, sampling_locations:
     b, s, n_heads, d = value.shape
     _, q, _, n_levels, n_points, _ = sampling_locations.shape
     dtype, device = sampling_locations.dtype, sampling_locations.device
-    sizes = [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
+    sizes = level_sizes(spatial_shapes)
     padded = [F.pad(v.view(b, h, w, n_heads * d), (0, 0, 1, 1, 1, 1))  # [B, h+2, w+2, H*D]
               for v, (h, w) in zip(value.split([h * w for h, w in sizes], 1), sizes, strict=True)]
     table = torch.cat([v.flatten(1, 2) for v in padded], 1).view(-1, d)  # [B * S' * H, D], S' padded tokens
@@ -93,14 +105,14 @@ def _grid_layout(sampling_locations: Tensor, attention_weights: Tensor) -> tuple
     return grids, attention_weights.permute(0, 2, 3, 4, 1).flatten(0, 1)
 
 
-def _sample_by_grid(value: Tensor, spatial_shapes: Tensor, sampling_locations: Tensor,
+def _sample_by_grid(value: Tensor, spatial_shapes: LevelShapes, sampling_locations: Tensor,
                     attention_weights: Tensor) -> Tensor:
     """The core with ``F.grid_sample`` per level, heads folded into the batch (the formulation ONNX can
     export: GridSample exists from opset 16). Points come before queries in the grid so the weighted sum
     over points runs over contiguous [Q] rows."""
     b, s, n_heads, d = value.shape
     _, q, _, n_levels, n_points, _ = sampling_locations.shape
-    sizes = [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
+    sizes = level_sizes(spatial_shapes)
     grids, weights = _grid_layout(sampling_locations, attention_weights)  # [B*H, L, P, Q, 2], [B*H, L, P, Q]
     out = value.new_zeros(b * n_heads, d, q)
     for level, values in enumerate(value.split([h * w for h, w in sizes], 1)):
@@ -123,11 +135,11 @@ class _GatherSample(torch.autograd.Function):
     weights' gradient is the dot product of the output gradient with each point's bilinear sample."""
 
     @staticmethod
-    def forward(ctx: FunctionCtx, value: Tensor, spatial_shapes: Tensor, sampling_locations: Tensor,
+    def forward(ctx: FunctionCtx, value: Tensor, spatial_shapes: LevelShapes, sampling_locations: Tensor,
                 attention_weights: Tensor) -> Tensor:
         ctx.save_for_backward(value, sampling_locations, attention_weights)
-        ctx.sizes = [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
-        return _sample_by_gather(value, spatial_shapes, sampling_locations, attention_weights)
+        ctx.sizes = level_sizes(spatial_shapes)
+        return _sample_by_gather(value, ctx.sizes, sampling_locations, attention_weights)
 
     @staticmethod
     @once_differentiable
@@ -168,13 +180,14 @@ class _GatherSample(torch.autograd.Function):
         return grad_value, None, grad_locations, grad_weights_out
 
 
-def multiscale_deformable_sample(value: Tensor, spatial_shapes: Tensor, sampling_locations: Tensor,
+def multiscale_deformable_sample(value: Tensor, spatial_shapes: LevelShapes, sampling_locations: Tensor,
                                  attention_weights: Tensor, *,
                                  method: Literal["gather", "grid_sample"] = "gather") -> Tensor:
     """Multi-scale deformable sampling: per head, the attention-weighted sum of bilinear samples.
 
     value [B, S, H, D] (S = sum of h_l * w_l, the levels flattened one after the other, row-major);
-    spatial_shapes [L, 2] integer (h, w) per level; sampling_locations [B, Q, H, L, P, 2] normalized
+    spatial_shapes [L, 2] integer (h, w) per level (a tensor, or Python ints: no read of a tensor);
+    sampling_locations [B, Q, H, L, P, 2] normalized
     (x, y), 0 and 1 the maps' outer edges (anything outside samples zeros); attention_weights
     [B, Q, H, L, P]. Returns [B, Q, H * D] (head-major channels).
 
@@ -230,7 +243,8 @@ class MultiScaleDeformableAttention(nn.Module):
             nn.init.xavier_uniform_(proj.weight)
             nn.init.zeros_(proj.bias)
 
-    def sampling(self, query: Tensor, reference_points: Tensor, spatial_shapes: Tensor) -> tuple[Tensor, Tensor]:
+    def sampling(self, query: Tensor, reference_points: Tensor,
+                 spatial_shapes: LevelShapes) -> tuple[Tensor, Tensor]:
         """Where each query looks and with what weight: query [B, Q, C] (positions added),
         reference_points [B, Q, L, 2 or 4] normalized, spatial_shapes [L, 2] (h, w) ->
         (sampling_locations [B, Q, H, L, P, 2] (x, y) normalized, attention_weights [B, Q, H, L, P])."""
@@ -241,7 +255,10 @@ class MultiScaleDeformableAttention(nn.Module):
         weights = weights.softmax(-1).view(b, q, h, n_levels, n_points)  # softmax over levels x points
         if reference_points.shape[-1] == 2:
             # offsets are in pixels of each level: divide by the level's (w, h)
-            size = spatial_shapes.flip(-1).to(offsets.dtype)  # [L, 2] (w, h)
+            if isinstance(spatial_shapes, Tensor):
+                size = spatial_shapes.flip(-1).to(offsets.dtype)  # [L, 2] (w, h)
+            else:
+                size = torch.tensor([(w, h) for h, w in spatial_shapes], dtype=offsets.dtype, device=offsets.device)
             locations = reference_points[:, :, None, :, None, :] + offsets / size[:, None, :]
         elif reference_points.shape[-1] == 4:
             # offsets relative to the box: n_points points span half its width/height
@@ -251,19 +268,21 @@ class MultiScaleDeformableAttention(nn.Module):
             raise ValueError(f"reference_points must end in 2 or 4 coordinates, got {tuple(reference_points.shape)}")
         return locations, weights
 
-    def forward(self, query: Tensor, reference_points: Tensor, value: Tensor, spatial_shapes: Tensor,
+    def forward(self, query: Tensor, reference_points: Tensor, value: Tensor, spatial_shapes: LevelShapes,
                 padding_mask: Tensor | None = None) -> Tensor:
         """query [B, Q, C] (positions already added); reference_points [B, Q, L, 2] (cx, cy) or
         [B, Q, L, 4] (cx, cy, w, h), normalized per level (already scaled by the valid ratios);
-        value [B, S, C] (the flattened levels, without positions); spatial_shapes [L, 2] (h, w);
+        value [B, S, C] (the flattened levels, without positions); spatial_shapes [L, 2] (h, w), a tensor or
+        Python ints (``FeatureLevels.sizes``: nothing read back from a tensor);
         padding_mask [B, S] (True = padding) or None. Returns [B, Q, C]."""
         b, s, c = value.shape
-        if int((spatial_shapes[:, 0] * spatial_shapes[:, 1]).sum()) != s:
-            raise ValueError(f"spatial_shapes {spatial_shapes.tolist()} do not add up to {s} value tokens")
+        sizes = level_sizes(spatial_shapes)
+        if sum(h * w for h, w in sizes) != s:
+            raise ValueError(f"spatial_shapes {sizes} do not add up to {s} value tokens")
         value = self.value_proj(value)
         if padding_mask is not None:
             value = value.masked_fill(padding_mask[..., None], 0.0)  # padding contributes nothing
         value = value.view(b, s, self.n_heads, c // self.n_heads)  # [B, S, H, D]
-        locations, weights = self.sampling(query, reference_points, spatial_shapes)
-        out = multiscale_deformable_sample(value, spatial_shapes, locations, weights, method=self.method)
+        locations, weights = self.sampling(query, reference_points, sizes)
+        out = multiscale_deformable_sample(value, sizes, locations, weights, method=self.method)
         return self.output_proj(out)

@@ -156,7 +156,7 @@ class EncoderLayer(nn.Module):
             qk = _with_pos(x, pos)
             if isinstance(self.self_attn, MultiScaleDeformableAttention):
                 assert levels is not None and reference_points is not None
-                return self.self_attn(qk, reference_points, x, levels.spatial_shapes, padding_mask)
+                return self.self_attn(qk, reference_points, x, levels.sizes, padding_mask)
             return self.self_attn(qk, qk, x, padding_mask)[0]
 
         src = _residual(src, attend, self.norm1, self.dropout, self.pre_norm)
@@ -200,7 +200,7 @@ class DecoderLayer(nn.Module):
             if deformable:
                 assert levels is not None and reference_points is not None
                 return self.multihead_attn(_with_pos(x, query_pos), reference_points, memory,
-                                           levels.spatial_shapes, padding_mask)
+                                           levels.sizes, padding_mask)
             return self.multihead_attn(_with_pos(x, query_pos), memory_keys, memory, padding_mask)[0]
 
         tgt = _residual(tgt, attend_queries, self.norm1, self.dropout, self.pre_norm)
