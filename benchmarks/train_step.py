@@ -15,8 +15,8 @@ the attention weights and the feed-forward layers as in the paper (transformers'
 defaults instead with ``--hf_defaults``. The systems' steps alternate (ours, reference, ours, ...), so
 load from other processes hits both alike; ``speedup`` is the ratio of median step times, with the
 ratio's spread over the rounds. ``--profile`` prints torch.profiler's top operators (self milliseconds a
-step, the mean of two steps after the timed rounds) of every system timed, side by side, to stderr.
-``--tiny`` (tests): 64x96 images, one run.
+step, the mean of two steps after the timed rounds; CPU time, or GPU kernel time with ``--device cuda``) of
+every system timed, side by side, to stderr. ``--tiny`` (tests): 64x96 images, one run.
 
 ``--device cuda`` times the step on a GPU (synchronized at each phase boundary; the JSON names the device);
 ``--batch N --size S`` trains N images of short side S (long sides alternating 4:3 and 5:4, as the default
@@ -161,26 +161,32 @@ def hf_step(images: list[torch.Tensor], batch_targets: list[dict], defaults: boo
     return step
 
 
-def operator_milliseconds(step: Step, steps: int = 2) -> dict[str, float]:
-    """Self CPU milliseconds of each operator in one step (torch.profiler; the mean of ``steps`` steps)."""
+def operator_milliseconds(step: Step, device: torch.device, steps: int = 2) -> dict[str, float]:
+    """Self milliseconds of each operator in one step (torch.profiler; the mean of ``steps`` steps): CPU time on
+    the CPU, the GPU's kernel time on CUDA (where the CPU's is only the launches)."""
     from torch.profiler import ProfilerActivity, profile
 
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU, ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]
     totals: dict[str, float] = {}
     for _ in range(steps):
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
+        with profile(activities=activities) as prof:
             step()
         for event in prof.key_averages():
-            totals[event.key] = totals.get(event.key, 0.0) + event.self_cpu_time_total / 1e3 / steps
+            micros = event.self_device_time_total if cuda else event.self_cpu_time_total
+            if micros:
+                totals[event.key] = totals.get(event.key, 0.0) + micros / 1e3 / steps
     return totals
 
 
-def profile_table(systems: dict[str, Step], rows: int = 25) -> str:
-    """A markdown table of the top operators by self CPU time, one column per system (side by side: where
-    one system spends what the other does not), and each system's total."""
-    columns = {name: operator_milliseconds(step) for name, step in systems.items()}
+def profile_table(systems: dict[str, Step], device: torch.device, rows: int = 25) -> str:
+    """A markdown table of the top operators by self time, one column per system (side by side: where one
+    system spends what the other does not), and each system's total."""
+    columns = {name: operator_milliseconds(step, device) for name, step in systems.items()}
     ops = sorted({op for ms in columns.values() for op in ms}, key=lambda op: -max(ms.get(op, 0.0) for ms in
                                                                                    columns.values()))
-    lines = ["| operator (self ms a step) | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    clock = "GPU" if device.type == "cuda" else "CPU"
+    lines = [f"| operator (self {clock} ms a step) | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
     for op in ops[:rows]:
         lines.append(f"| {op} | " + " | ".join(f"{ms.get(op, 0.0):.1f}" for ms in columns.values()) + " |")
     lines.append("| total | " + " | ".join(f"{sum(ms.values()):.1f}" for ms in columns.values()) + " |")
@@ -242,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 warm_up[name] = sum(phases.values())
     if args.profile:
-        print(profile_table(systems), file=sys.stderr)
+        print(profile_table(systems, device), file=sys.stderr)
     result: dict = {
         "model": model_name, "batch": len(images), "sizes": sizes, "runs": runs, "threads": torch.get_num_threads(),
         "malloc_tuned": malloc_tuned, "amp": args.amp, "native_bf16": native_bf16(device),

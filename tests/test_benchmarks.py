@@ -259,7 +259,7 @@ def test_train_step_deformable_times_ours_against_transformers_deformable_detr(c
     result = json.loads(captured.out)
     # --profile: the operators of both steps side by side, one row each (both train the convolutions)
     header, _, *rows = captured.err.strip().splitlines()
-    assert header == "| operator (self ms a step) | ours | reference |"
+    assert header == "| operator (self CPU ms a step) | ours | reference |"
     cells = {row.split(" | ")[0].lstrip("| "): [float(x) for x in row.rstrip(" |").split(" | ")[1:]] for row in rows}
     assert min(cells["aten::convolution_backward"]) > 0 and len(cells) == 26  # 25 operators and the totals
     for column in (0, 1):  # a total of every operator, so at least the listed ones (each rounded to 0.05 ms)
