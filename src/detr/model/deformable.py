@@ -186,10 +186,9 @@ def multiscale_deformable_sample(value: Tensor, spatial_shapes: LevelShapes, sam
     """Multi-scale deformable sampling: per head, the attention-weighted sum of bilinear samples.
 
     value [B, S, H, D] (S = sum of h_l * w_l, the levels flattened one after the other, row-major);
-    spatial_shapes [L, 2] integer (h, w) per level (a tensor, or Python ints: no read of a tensor);
-    sampling_locations [B, Q, H, L, P, 2] normalized
-    (x, y), 0 and 1 the maps' outer edges (anything outside samples zeros); attention_weights
-    [B, Q, H, L, P]. Returns [B, Q, H * D] (head-major channels).
+    spatial_shapes [L, 2] integer (h, w) per level, a tensor or Python ints (ints: nothing is read back from a
+    tensor); sampling_locations [B, Q, H, L, P, 2] normalized (x, y), 0 and 1 the maps' outer edges (anything
+    outside samples zeros); attention_weights [B, Q, H, L, P]. Returns [B, Q, H * D] (head-major channels).
 
     ``method="gather"`` (default) is a weighted ``embedding_bag`` over the bilinear corners, ~6x faster
     on CPU than per-level ``grid_sample``; ``method="grid_sample"`` is the same function through
