@@ -259,8 +259,8 @@ def test_train_step_profile_puts_the_systems_side_by_side():
     import torch
 
     profile_table = _load("train_step").profile_table
-    x, w = torch.randn(2, 8, 16, 16), torch.randn(8, 8, 3, 3, requires_grad=True)
-    a, b = torch.randn(64, 64), torch.randn(64, 64)
+    x, w = torch.randn(2, 32, 64, 64), torch.randn(32, 32, 3, 3, requires_grad=True)
+    a, b = torch.randn(512, 512), torch.randn(512, 512)  # ~1 ms: above the table's 0.1 ms resolution
     systems = {"conv": lambda: torch.nn.functional.conv2d(x, w).sum().backward(), "matmul": lambda: a @ b}
     header, rule, *rows = profile_table(systems, torch.device("cpu"), rows=40).splitlines()
     assert header == "| operator (self CPU ms a step) | conv | matmul |" and rule == "|---|---|---|"
