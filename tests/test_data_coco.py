@@ -363,5 +363,5 @@ def test_loaders_pin_batches_for_a_gpu(tiny, monkeypatch):
     for a, b in zip(out.targets, batch.targets, strict=True):
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a if isinstance(b[k], torch.Tensor))
     data, info = DataOptions(), DistInfo()
-    assert build_loader(dataset, data, info, train=True, pin_memory=True).pin_memory
+    assert build_loader(dataset, data, info, train=True, device="cuda").pin_memory
     assert not build_loader(dataset, data, info, train=False).pin_memory  # the CPU default

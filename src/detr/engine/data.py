@@ -93,10 +93,10 @@ def build_dataset(
 
 
 def build_loader(dataset: Dataset, data: DataOptions, info: DistInfo, *, train: bool, seed: int = 42,
-                 pin_memory: bool = False) -> DataLoader:
-    """The loader of a split. ``pin_memory`` (for a GPU): batches land in page-locked memory (the loader's
-    pinning thread calls ``DetectionBatch.pin_memory``), so ``batch.to(device, non_blocking=True)`` overlaps the
-    copy with compute."""
+                 device: torch.device | str = "cpu") -> DataLoader:
+    """The loader of a split for a model on ``device``. For a GPU the batches land in page-locked memory (the
+    loader's pinning thread calls ``DetectionBatch.pin_memory``), so ``batch.to(device, non_blocking=True)``
+    overlaps the copy with compute."""
     # The same sampler for one process and many: rank r of W takes every W-th index of one seeded
     # permutation, so W processes with batch b see exactly the batches of one process with W*b.
     sampler = DistributedSampler(dataset, num_replicas=info.world_size, rank=info.rank, shuffle=train, seed=seed,
@@ -108,7 +108,7 @@ def build_loader(dataset: Dataset, data: DataOptions, info: DistInfo, *, train: 
         collate_fn=collate_detection,
         num_workers=data.num_workers,
         persistent_workers=False,
-        pin_memory=pin_memory,
+        pin_memory=torch.device(device).type == "cuda",
         generator=torch.Generator().manual_seed(seed),
     )
 

@@ -8,8 +8,6 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from ..checkpoint import load_checkpoint, read_checkpoint
 from ..coco_panoptic import coco_panoptic_paths, panoptic_root
 from ..data.coco import load_coco
@@ -56,7 +54,7 @@ def evaluate_checkpoint(
     if compile:
         model = compile_for_inference(model)
     dataset = build_dataset(data, "val", train_augment=False, masks=masks, input=spec)
-    loader = build_loader(dataset, data, info, train=False, pin_memory=torch.device(device).type == "cuda")
+    loader = build_loader(dataset, data, info, train=False, device=device)
     result = evaluate(model, loader, coco_gt=dataset.coco, device=device,
                       iou_types=("bbox", "segm") if masks else ("bbox",), amp_dtype=amp_dtype(precision, device),
                       progress=progress)
@@ -95,7 +93,7 @@ def evaluate_panoptic_checkpoint(
         raise ValueError("--panoptic needs the images: --val_images DIR or --coco_path DIR")
     dataset = CocoPanoptic(image_dir, gt_json, gt_folder, return_masks=False, skip_bad_images=data.skip_bad_images,
                            transforms=transforms_for(data, train_augment=False, input=spec))
-    loader = build_loader(dataset, data, info, train=False, pin_memory=torch.device(device).type == "cuda")
+    loader = build_loader(dataset, data, info, train=False, device=device)
     instances = instances_json(data)
     if instances is None:
         log.info("no instances json (--val_json or --coco_path/annotations/instances_val2017.json): PQ only")

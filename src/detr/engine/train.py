@@ -216,10 +216,9 @@ class _Run:
         )
         log_file = JsonLog(out_dir / "log.jsonl" if info.is_main else None,
                            tensorboard=out_dir / "tensorboard" if run.tensorboard else None)
-        pin = device.type == "cuda"
         return cls(config, options, info, device, out_dir, train_set, val_set,
-                   build_loader(train_set, data, info, train=True, seed=run.seed, pin_memory=pin),
-                   build_loader(val_set, data, info, train=False, seed=run.seed, pin_memory=pin), instances,
+                   build_loader(train_set, data, info, train=True, seed=run.seed, device=device),
+                   build_loader(val_set, data, info, train=False, seed=run.seed, device=device), instances,
                    model, stepper, build_scheduler(optimizer, optim.lr_drop), log_file)
 
     @property

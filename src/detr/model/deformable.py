@@ -254,10 +254,8 @@ class MultiScaleDeformableAttention(nn.Module):
         weights = weights.softmax(-1).view(b, q, h, n_levels, n_points)  # softmax over levels x points
         if reference_points.shape[-1] == 2:
             # offsets are in pixels of each level: divide by the level's (w, h)
-            if isinstance(spatial_shapes, Tensor):
-                size = spatial_shapes.flip(-1).to(offsets.dtype)  # [L, 2] (w, h)
-            else:
-                size = torch.tensor([(w, h) for h, w in spatial_shapes], dtype=offsets.dtype, device=offsets.device)
+            size = torch.tensor([(w, h) for h, w in level_sizes(spatial_shapes)], dtype=offsets.dtype,
+                                device=offsets.device)  # [L, 2] (w, h)
             locations = reference_points[:, :, None, :, None, :] + offsets / size[:, None, :]
         elif reference_points.shape[-1] == 4:
             # offsets relative to the box: n_points points span half its width/height

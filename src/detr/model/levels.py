@@ -29,16 +29,15 @@ class FeatureLevels:
     """The encoder's input: L feature maps flattened into one token sequence.
 
     tokens [B, S, C]; positions [B, S, C] (sine positions plus the level's embedding, when given);
-    padding_mask [B, S] (True = padding); spatial_shapes [L, 2] int64 (h, w); level_start_index [L]
-    (first token of each level); valid_ratios [B, L, 2] (w, h) fraction of each level that is image;
-    sizes: the same (h, w) as Python ints (for splitting without reading a tensor).
+    padding_mask [B, S] (True = padding); valid_ratios [B, L, 2] (w, h) fraction of each level that is image;
+    sizes: each level's (h, w) as Python ints (what the model splits and samples by, reading no tensor), and
+    as Deformable DETR's tensors on demand: spatial_shapes [L, 2] int64, level_start_index [L] (first token of
+    each level).
     """
 
     tokens: Tensor
     positions: Tensor
     padding_mask: Tensor
-    spatial_shapes: Tensor
-    level_start_index: Tensor
     valid_ratios: Tensor
     sizes: tuple[tuple[int, int], ...]
 
@@ -54,18 +53,24 @@ class FeatureLevels:
         pos = [p.flatten(2).transpose(1, 2) for p in positions]  # [B, h*w, C] per level
         if level_embed is not None:
             pos = [p + level_embed[level] for level, p in enumerate(pos)]
-        device = tokens.device
-        spatial_shapes = torch.tensor(sizes, dtype=torch.long, device=device)  # [L, 2]
-        areas = spatial_shapes[:, 0] * spatial_shapes[:, 1]
         return cls(
             tokens=tokens,
             positions=torch.cat(pos, 1),
             padding_mask=torch.cat([m.flatten(1) for m in padding_masks], 1),  # [B, S]
-            spatial_shapes=spatial_shapes,
-            level_start_index=torch.cumsum(areas, 0) - areas,
             valid_ratios=torch.stack([valid_ratios(m, tokens.dtype) for m in padding_masks], 1),  # [B, L, 2]
             sizes=sizes,
         )
+
+    @property
+    def spatial_shapes(self) -> Tensor:
+        """[L, 2] int64 (h, w) on the tokens' device."""
+        return torch.tensor(self.sizes, dtype=torch.long, device=self.tokens.device)
+
+    @property
+    def level_start_index(self) -> Tensor:
+        """[L] the first token of each level."""
+        areas = self.spatial_shapes.prod(-1)
+        return torch.cumsum(areas, 0) - areas
 
     def masks(self) -> list[Tensor]:
         """The levels' padding masks [B, h_l, w_l]."""
